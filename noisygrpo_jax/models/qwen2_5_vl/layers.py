@@ -1,0 +1,88 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Parameter names follow the HF checkpoint (`weight` for norms, `kernel`/`bias` for linears stored
+[in, out], `embedding` for the token table) so that import/export is a table of renames and transposes.
+Every parameter carries logical axis names (see `noisygrpo_jax.sharding`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
+
+
+def param(rngs: nnx.Rngs, shape, names, dtype, init=nnx.initializers.normal(0.02)) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=names, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias; kernel [in, out]."""
+
+  def __init__(self, in_features: int, out_features: int, *, bias: bool, names: tuple[str, str], dtype,
+               rngs: nnx.Rngs):
+    self.kernel = param(rngs, (in_features, out_features), names, dtype)
+    self.bias = param(rngs, (out_features,), names[1:], dtype, nnx.initializers.zeros) if bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+    return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * weight; statistics in float32, output in the input dtype (as HF)."""
+
+  def __init__(self, dim: int, *, eps: float, names: tuple[str], dtype, rngs: nnx.Rngs):
+    self.weight = param(rngs, (dim,), names, dtype, nnx.initializers.ones)
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, dim: int, hidden: int, *, bias: bool, names: tuple[str, str], dtype, rngs: nnx.Rngs):
+    embed, mlp = names
+    self.gate_proj = Linear(dim, hidden, bias=bias, names=(embed, mlp), dtype=dtype, rngs=rngs)
+    self.up_proj = Linear(dim, hidden, bias=bias, names=(embed, mlp), dtype=dtype, rngs=rngs)
+    self.down_proj = Linear(hidden, dim, bias=bias, names=(mlp, embed), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates x [..., L, H, D] by float32 cos/sin [..., L, D] (broadcast over heads), in float32."""
+  x32 = x.astype(jnp.float32)
+  cos, sin = cos[..., None, :], sin[..., None, :]
+  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention with grouped KV heads and a boolean mask.
+
+  Args:
+    q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K.
+    mask: bool [B, T, S] (True = attend).
+  Returns:
+    [B, T, H, D] in q's dtype. Scores and softmax are computed in float32.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+  scores = jnp.where(mask[:, None, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)

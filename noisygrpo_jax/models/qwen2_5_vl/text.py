@@ -1,0 +1,121 @@
+"""The Qwen2 decoder of Qwen2.5-VL: GQA with q/k/v bias, RMSNorm, SwiGLU, multimodal RoPE, KV cache."""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from noisygrpo_jax.models.qwen2_5_vl.config import TextConfig
+from noisygrpo_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, apply_rope, attention, param
+
+
+@flax.struct.dataclass
+class LayerCache:
+  """Keys and values of one layer for S cache slots: k, v [B, S, K, head_dim]."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+def mrope(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Array, jax.Array]:
+  """Multimodal RoPE angles.
+
+  The rotary frequencies are split into `mrope_section` chunks; chunk i takes its positions from axis
+  i % 3 (temporal, height, width).
+
+  Args:
+    position_ids: int [3, B, T].
+  Returns:
+    float32 cos, sin [B, T, head_dim].
+  """
+  half = config.head_dim // 2
+  inv_freq = 1.0 / (config.rope_theta ** (np.arange(half, dtype=np.float32) * 2 / config.head_dim))
+  axis_of_freq = np.concatenate([np.full(n, i % 3) for i, n in enumerate(config.mrope_section)])
+  pos = position_ids.astype(jnp.float32)[axis_of_freq]  # [half, B, T]
+  freqs = jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs):
+    d, hd = config.hidden_size, config.head_dim
+    self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+    self.q_proj = Linear(d, self.num_heads * hd, bias=True, names=("embed", "heads"), dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(d, self.num_kv_heads * hd, bias=True, names=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+    self.v_proj = Linear(d, self.num_kv_heads * hd, bias=True, names=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
+    self.o_proj = Linear(self.num_heads * hd, d, bias=False, names=("heads", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None):
+    """x [B, T, D]; cos/sin [B, T, head_dim]; mask bool [B, T, S].
+
+    Without a cache S == T. With a cache, this step's keys/values are written at slots
+    [cache_index, cache_index + T) and attention runs over all S cache slots.
+    Returns (out [B, T, D], updated cache or None).
+    """
+    b, t, _ = x.shape
+    q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+    k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                         jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+      k, v = cache.k, cache.v
+    out = attention(q, k, v, mask)
+    return self.o_proj(out.reshape(b, t, -1)), cache
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs):
+    norm = dict(eps=config.rms_norm_eps, names=("norm",), dtype=dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(config.hidden_size, **norm)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
+    self.self_attn = Attention(config, dtype, rngs)
+    self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=False, names=("embed", "mlp"),
+                      dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    x = x + h
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class TextModel(nnx.Module):
+  """Qwen2_5_VLTextModel: token embedding, decoder layers, final norm."""
+
+  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs, remat: bool = False):
+    self.config = config
+    self.remat = remat
+    self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, rngs)
+    self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, names=("norm",), dtype=dtype, rngs=rngs)
+
+  def __call__(self, embeds, position_ids, mask, caches: list[LayerCache] | None = None, cache_index=None):
+    """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S].
+
+    Returns (final normed hidden states [B, T, D], updated caches or None).
+    """
+    cos, sin = mrope(position_ids, self.config)
+    layer_fn = nnx.remat(DecoderLayer.__call__) if self.remat else DecoderLayer.__call__
+    new_caches = []
+    x = embeds
+    for i, layer in enumerate(self.layers):
+      x, cache = layer_fn(layer, x, cos, sin, mask, None if caches is None else caches[i], cache_index)
+      new_caches.append(cache)
+    return self.norm(x), (new_caches if caches is not None else None)
+
+
+class Embedding(nnx.Module):
+  """Token table [vocab, D] (HF `embed_tokens.weight`)."""
+
+  def __init__(self, vocab_size: int, dim: int, dtype, rngs: nnx.Rngs):
+    self.embedding = param(rngs, (vocab_size, dim), ("vocab", "embed"), dtype)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0)

@@ -1,0 +1,118 @@
+"""The Qwen2.5-VL vision tower: patch embedding, window/full-attention blocks, patch merger.
+
+Runs on one `VisionBatch` row at a time (vmapped over the batch by the caller), so images are sharded
+with the batch rows they belong to. Window and full attention are block-diagonal masks built from
+the host-computed segment ids; padding patches form their own segment.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from noisygrpo_jax.models.qwen2_5_vl.config import VisionConfig
+from noisygrpo_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, apply_rope, attention
+
+
+class PatchEmbed(nnx.Module):
+  """The Conv3d with kernel == stride is a linear map of each flattened patch: one matmul."""
+
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.proj = Linear(config.patch_dim, config.hidden_size, bias=False, names=("patch", "vision_embed"),
+                       dtype=dtype, rngs=rngs)
+
+  def __call__(self, pixel_values: jax.Array) -> jax.Array:
+    """[P, 1176] -> [P, hidden] in the parameter dtype."""
+    return self.proj(pixel_values.astype(self.dtype))
+
+
+class VisionAttention(nnx.Module):
+
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
+    dim = config.hidden_size
+    self.num_heads = config.num_heads
+    self.qkv = Linear(dim, 3 * dim, bias=True, names=("vision_embed", "qkv"), dtype=dtype, rngs=rngs)
+    self.proj = Linear(dim, dim, bias=True, names=("qkv", "vision_embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    """x [P, C], cos/sin [P, head_dim], mask bool [P, P] -> [P, C]."""
+    p, c = x.shape
+    q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, c // self.num_heads), 1, 0)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attention(q[None], k[None], v[None], mask[None])[0]
+    return self.proj(out.reshape(p, c))
+
+
+class VisionBlock(nnx.Module):
+
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
+    norm = dict(eps=1e-6, names=("norm",), dtype=dtype, rngs=rngs)
+    self.norm1 = RMSNorm(config.hidden_size, **norm)
+    self.norm2 = RMSNorm(config.hidden_size, **norm)
+    self.attn = VisionAttention(config, dtype, rngs)
+    self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True,
+                      names=("vision_embed", "vision_mlp"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask):
+    x = x + self.attn(self.norm1(x), cos, sin, mask)
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nnx.Module):
+  """RMSNorm, then each merge_unit of neighbouring patches concatenated -> Linear -> GELU -> Linear."""
+
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
+    wide = config.hidden_size * config.merge_unit
+    self.ln_q = RMSNorm(config.hidden_size, eps=1e-6, names=("norm",), dtype=dtype, rngs=rngs)
+    self.mlp = nnx.List([
+        Linear(wide, wide, bias=True, names=("vision_mlp", "vision_embed"), dtype=dtype, rngs=rngs),
+        Linear(wide, config.out_hidden_size, bias=True, names=("vision_embed", "embed"), dtype=dtype, rngs=rngs),
+    ])
+    self.wide = wide
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[P, hidden] -> [P / merge_unit, out_hidden]."""
+    x = self.ln_q(x).reshape(-1, self.wide)
+    # nn.GELU() in PyTorch is the exact (erf) GELU.
+    return self.mlp[1](jax.nn.gelu(self.mlp[0](x), approximate=False))
+
+
+class VisionTransformer(nnx.Module):
+  """Qwen2_5_VisionTransformerPretrainedModel."""
+
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs, remat: bool = False):
+    self.config = config
+    self.remat = remat
+    self.patch_embed = PatchEmbed(config, dtype, rngs)
+    self.blocks = nnx.List([VisionBlock(config, dtype, rngs) for _ in range(config.depth)])
+    self.merger = PatchMerger(config, dtype, rngs)
+
+  def rope(self, rope_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """2-D rotary angles: (h, w) ids [P, 2] -> float32 cos, sin [P, head_dim]."""
+    quarter = self.config.head_dim // 4
+    inv_freq = 1.0 / (self.config.rope_theta ** (jnp.arange(quarter, dtype=jnp.float32) * 2 / (2 * quarter)))
+    freqs = (rope_ids[:, :, None].astype(jnp.float32) * inv_freq).reshape(rope_ids.shape[0], 2 * quarter)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+  def __call__(self, pixel_values, window_index, reverse_index, rope_ids, window_segment_ids,
+               full_segment_ids) -> jax.Array:
+    """One packed row (see host.VisionBatch, without the batch axis) -> merged features in token order.
+
+    Returns:
+      [P / merge_unit, out_hidden] in the parameter dtype; rows past the real patches are padding.
+    """
+    unit = self.config.merge_unit
+    x = self.patch_embed(pixel_values)
+    p, c = x.shape
+    x = x.reshape(p // unit, unit, c)[window_index].reshape(p, c)
+    cos, sin = self.rope(rope_ids)
+    window_mask = window_segment_ids[:, None] == window_segment_ids[None, :]
+    full_mask = full_segment_ids[:, None] == full_segment_ids[None, :]
+    block_fn = nnx.remat(VisionBlock.__call__) if self.remat else VisionBlock.__call__
+    for i, block in enumerate(self.blocks):
+      mask = full_mask if i in self.config.fullatt_block_indexes else window_mask
+      x = block_fn(block, x, cos, sin, mask)
+    return self.merger(x)[reverse_index]
