@@ -108,10 +108,11 @@ class Qwen25VL(nnx.Module):
   def prepare_hf_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                         pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
                         num_patches: int | None = None) -> dict:
-    """Host-side bookkeeping: HF processor arrays -> the jit-friendly inputs of `__call__`."""
+    """Host-side bookkeeping: HF processor arrays -> the jit-friendly inputs of `__call__`, plus each row's
+    `rope_deltas` [B, 1] for decoding."""
     input_ids = np.asarray(input_ids)
     attention_mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-    position_ids, _ = host.mrope_position_ids(input_ids, self.config, attention_mask, image_grid_thw,
+    position_ids, rope_deltas = host.mrope_position_ids(input_ids, self.config, attention_mask, image_grid_thw,
                                               video_grid_thw, second_per_grid_ts)
     vision = None
     if pixel_values is not None or pixel_values_videos is not None:
@@ -119,13 +120,14 @@ class Qwen25VL(nnx.Module):
                                     pixel_values_videos, video_grid_thw)
       vision = host.pack_vision_batch(rows, self.config.vision, num_patches)
     return dict(input_ids=input_ids.astype(np.int32), position_ids=position_ids,
-                attention_mask=attention_mask.astype(np.int32), vision=vision)
+                attention_mask=attention_mask.astype(np.int32), rope_deltas=rope_deltas, vision=vision)
 
   def forward_hf(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> jax.Array:
     """Logits [B, T, V] (float32) from exactly the arrays the HF processor produces."""
     inputs = self.prepare_hf_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                                     video_grid_thw, second_per_grid_ts)
+    inputs.pop("rope_deltas")
     graphdef, state = nnx.split(self)
     return _jitted_logits(graphdef, state, **inputs)
 

@@ -1,0 +1,195 @@
+"""Jitted rollouts: prefill once per bucket, then a `lax.while_loop` decode with a preallocated KV cache.
+
+Prompts are left-padded to a bucket length T; the cache has T + max_new_tokens slots. Generated token k
+of a row is written at cache slot T + k and gets M-RoPE position (valid prompt tokens + rope_delta + k)
+on all three axes, as transformers does during decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, host
+from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
+
+
+@flax.struct.dataclass
+class PromptBatch:
+  """Left-padded prompts with everything the model needs, prepared on the host.
+
+  input_ids: int32 [B, T]; attention_mask: int32 [B, T] (1 = real token, padding on the left);
+  position_ids: int32 [3, B, T]; rope_deltas: int32 [B, 1]; vision: packed images per row or None.
+  """
+
+  input_ids: jax.Array
+  attention_mask: jax.Array
+  position_ids: jax.Array
+  rope_deltas: jax.Array
+  vision: host.VisionBatch | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """HF `generate` semantics: temperature, then top-k, then top-p; greedy ignores all three."""
+
+  max_new_tokens: int = 256
+  greedy: bool = False
+  temperature: float = 1.0
+  top_k: int = 0  # 0 disables
+  top_p: float = 1.0  # 1.0 disables
+  eos_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>
+  pad_id: int = 151643
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """tokens: int32 [B, N] (pad after a row's stop); mask: int32 [B, N], 1 through the first EOS inclusive;
+  logprobs: float32 [B, N], log p(token) under the policy at temperature 1 with no truncation;
+  sampling_logprobs: float32 [B, N], log-prob under the distribution actually sampled from;
+  lengths: int32 [B] completion lengths."""
+
+  tokens: jax.Array
+  mask: jax.Array
+  logprobs: jax.Array
+  sampling_logprobs: jax.Array
+  lengths: jax.Array
+
+
+@flax.struct.dataclass
+class DecodeState:
+  step: jax.Array  # int32 scalar: tokens generated so far
+  logits: jax.Array  # float32 [B, V]: next-token logits
+  caches: list[LayerCache]
+  kv_valid: jax.Array  # bool [B, S]: cache slots holding real tokens
+  next_position: jax.Array  # int32 [B]: M-RoPE position of the next token (all three axes)
+  done: jax.Array  # bool [B]
+  tokens: jax.Array
+  mask: jax.Array
+  logprobs: jax.Array
+  sampling_logprobs: jax.Array
+  key: jax.Array
+
+
+def process_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+  """Temperature, top-k and top-p as HF's logits warpers (removed entries become -inf). [..., V]."""
+  logits = logits.astype(jnp.float32)
+  if params.temperature != 1.0:
+    logits = logits / params.temperature
+  if params.top_k > 0:
+    kth = jax.lax.top_k(logits, min(params.top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if params.top_p < 1.0:
+    order = jnp.argsort(logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= 1 - params.top_p).at[..., -1].set(False)  # keep at least one
+    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    logits = jnp.where(remove, -jnp.inf, logits)
+  return logits
+
+
+def sample_token(key: jax.Array, logits: jax.Array, params: SamplingParams):
+  """Draws one token per row. logits [B, V] -> (tokens int32 [B], sampling log-probs float32 [B])."""
+  if params.greedy:
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return token, jnp.zeros(token.shape, jnp.float32)
+  processed = process_logits(logits, params)
+  token = jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp
+
+
+def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> list[LayerCache]:
+  t = model.config.text
+  shape = (batch, slots, t.num_key_value_heads, t.head_dim)
+  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_hidden_layers)]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params"))
+def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: SamplingParams) -> DecodeState:
+  """Runs the prompt through the model, fills cache slots [0, T) and returns the initial decode state."""
+  model = nnx.merge(graphdef, state)
+  b, t = prompts.input_ids.shape
+  slots = t + params.max_new_tokens
+  kv_valid = jnp.zeros((b, slots), bool).at[:, :t].set(prompts.attention_mask.astype(bool))
+  causal = jnp.arange(slots)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
+  mask = causal[None] & kv_valid[:, None, :]
+  caches = init_caches(model, b, slots, jnp.dtype(model.config.dtype))
+  hidden, caches = model.hidden_states(prompts.input_ids, prompts.position_ids, vision=prompts.vision, mask=mask,
+                                       caches=caches, cache_index=0)
+  n = params.max_new_tokens
+  return DecodeState(
+      step=jnp.zeros((), jnp.int32),
+      logits=model.logits(hidden[:, -1]),
+      caches=caches,
+      kv_valid=kv_valid,
+      next_position=(prompts.attention_mask.sum(axis=1) + prompts.rope_deltas[:, 0]).astype(jnp.int32),
+      done=jnp.zeros((b,), bool),
+      tokens=jnp.full((b, n), params.pad_id, jnp.int32),
+      mask=jnp.zeros((b, n), jnp.int32),
+      logprobs=jnp.zeros((b, n), jnp.float32),
+      sampling_logprobs=jnp.zeros((b, n), jnp.float32),
+      key=key,
+  )
+
+
+def decode_step(model: Qwen25VL, state: DecodeState, prompt_len: int, params: SamplingParams) -> DecodeState:
+  """Samples token `step` from the current logits, records it, and computes the next logits."""
+  key, step_key = jax.random.split(state.key)
+  token, sampling_logp = sample_token(step_key, state.logits, params)
+  policy_logp = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  live = ~state.done
+  token = jnp.where(live, token, params.pad_id)
+  col = state.step
+  tokens = state.tokens.at[:, col].set(token)
+  mask = state.mask.at[:, col].set(live.astype(jnp.int32))
+  logprobs = state.logprobs.at[:, col].set(jnp.where(live, policy_logp, 0.0))
+  sampling_logprobs = state.sampling_logprobs.at[:, col].set(jnp.where(live, sampling_logp, 0.0))
+  done = state.done | jnp.isin(token, jnp.asarray(params.eos_ids))
+
+  slot = prompt_len + col
+  kv_valid = state.kv_valid.at[:, slot].set(True)
+  positions = jnp.broadcast_to(state.next_position[None, :, None], (3, token.shape[0], 1))
+  hidden, caches = model.hidden_states(token[:, None], positions, mask=kv_valid[:, None, :], caches=state.caches,
+                                       cache_index=slot)
+  return DecodeState(step=col + 1, logits=model.logits(hidden[:, 0]), caches=caches, kv_valid=kv_valid,
+                     next_position=state.next_position + 1, done=done, tokens=tokens, mask=mask,
+                     logprobs=logprobs, sampling_logprobs=sampling_logprobs, key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "params"), donate_argnames=("state",))
+def decode(graphdef, model_state, state: DecodeState, prompt_len: int, params: SamplingParams) -> DecodeState:
+  """The whole decode loop in one jitted function; exits early once every row has stopped.
+
+  The input state is donated: the loop reuses its KV-cache buffers in place.
+  """
+  model = nnx.merge(graphdef, model_state)
+  return jax.lax.while_loop(
+      lambda s: (s.step < params.max_new_tokens) & ~jnp.all(s.done),
+      lambda s: decode_step(model, s, prompt_len, params),
+      state)
+
+
+def generate(model: Qwen25VL, prompts: PromptBatch, key: jax.Array, params: SamplingParams) -> SampleOutput:
+  """Prefill + decode. Compiles once per (batch, prompt bucket, patch bucket, sampling params)."""
+  graphdef, state = nnx.split(model)
+  decode_state = prefill(graphdef, state, prompts, key, params)
+  final = decode(graphdef, state, decode_state, prompts.input_ids.shape[1], params)
+  return SampleOutput(tokens=final.tokens, mask=final.mask, logprobs=final.logprobs,
+                      sampling_logprobs=final.sampling_logprobs, lengths=final.mask.sum(axis=1))
+
+
+def prompts_from_hf(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                    pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                    num_patches: int | None = None) -> PromptBatch:
+  """A PromptBatch from the arrays the HF processor produces (left-padded)."""
+  return PromptBatch(**model.prepare_hf_inputs(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                               pixel_values_videos, video_grid_thw, second_per_grid_ts,
+                                               num_patches=num_patches))
