@@ -1,0 +1,218 @@
+"""Qwen2.5-VL's chat template in Python, vision-token expansion, and chat encoding with a length budget.
+
+The template is the one shipped in the Qwen2.5-VL-*-Instruct `chat_template.json`:
+
+  <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n          (only if no system message comes first)
+  <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe this image.<|im_end|>\n
+  <|im_start|>assistant\n                                                (the generation prompt)
+
+Messages are dicts {"role": str, "content": str | list[item]}; an item is {"type": "text", "text": ...},
+{"type": "image", ...} or {"type": "video", ...} (HF's forms with an "image", "image_url" or "video" key
+also count). Each image item becomes one `<|vision_start|><|image_pad|><|vision_end|>` where it stands in the
+content list; `expand_*` then repeats each `<|image_pad|>` grid_t*grid_h*grid_w / merge_size**2 times, as HF's
+processor does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from noisygrpo_jax.processing.errors import PromptTooLongError
+from noisygrpo_jax.processing.tokenizer import Tokenizer
+
+DEFAULT_SYSTEM_MESSAGE = "You are a helpful assistant."
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
+GENERATION_PROMPT = "<|im_start|>assistant\n"
+
+Message = Mapping[str, Any]
+
+
+def _item_kind(item: Mapping[str, Any], where: str) -> str:
+  kind = item.get("type")
+  if kind == "image" or "image" in item or "image_url" in item:
+    return "image"
+  if kind == "video" or "video" in item:
+    return "video"
+  if "text" in item:
+    return "text"
+  raise ValueError(f"{where}: content item {dict(item)!r} is not text, image or video "
+                   "(give it a 'type' of 'text', 'image' or 'video')")
+
+
+def render_segments(messages: Sequence[Message], add_generation_prompt: bool = False,
+                    default_system: str | None = DEFAULT_SYSTEM_MESSAGE,
+                    add_vision_id: bool = False) -> list[tuple[str, bool]]:
+  """The rendered chat as (text, is_target) pieces; joined they equal `render(...)`.
+
+  Pieces marked True are the assistant turns' contents and their closing `<|im_end|>`: the tokens an SFT
+  loss trains on.
+  """
+  pieces: list[tuple[str, bool]] = []
+  images = videos = 0
+  for index, message in enumerate(messages):
+    role = message.get("role")
+    if role is None:
+      raise ValueError(f"message {index}: no 'role'")
+    if index == 0 and role != "system" and default_system is not None:
+      pieces.append((f"<|im_start|>system\n{default_system}<|im_end|>\n", False))
+    pieces.append((f"<|im_start|>{role}\n", False))
+    content = message.get("content", "")
+    if isinstance(content, str):
+      body = content
+    else:
+      parts = []
+      for item in content:
+        kind = _item_kind(item, f"message {index}")
+        if kind == "image":
+          images += 1
+          parts.append((f"Picture {images}: " if add_vision_id else "") + IMAGE_PLACEHOLDER)
+        elif kind == "video":
+          videos += 1
+          parts.append((f"Video {videos}: " if add_vision_id else "") + VIDEO_PLACEHOLDER)
+        else:
+          parts.append(item["text"])
+      body = "".join(parts)
+    pieces.append((body + "<|im_end|>", role == "assistant"))
+    pieces.append(("\n", False))
+  if add_generation_prompt:
+    pieces.append((GENERATION_PROMPT, False))
+  return pieces
+
+
+def render(messages: Sequence[Message], add_generation_prompt: bool = False,
+           default_system: str | None = DEFAULT_SYSTEM_MESSAGE, add_vision_id: bool = False) -> str:
+  """The chat as Qwen2.5-VL's template renders it (one placeholder per image/video, not yet expanded).
+
+  Args:
+    messages: the conversation (see the module docstring).
+    add_generation_prompt: end with `<|im_start|>assistant\n` so the model writes the next turn.
+    default_system: system message inserted when the first message is not a system one; None inserts
+      nothing (a deviation from the released template, for tiny models).
+    add_vision_id: prefix each image with "Picture k: " and each video with "Video k: ".
+  """
+  return "".join(text for text, _ in render_segments(messages, add_generation_prompt, default_system,
+                                                     add_vision_id))
+
+
+def vqa_messages(question: str, num_images: int = 1, answer: str | None = None,
+                 system: str | None = None) -> list[dict[str, Any]]:
+  """A single-turn visual question: the images first, then the question; optionally the answer turn."""
+  messages = [] if system is None else [{"role": "system", "content": system}]
+  content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+  messages.append({"role": "user", "content": content})
+  if answer is not None:
+    messages.append({"role": "assistant", "content": answer})
+  return messages
+
+
+# ------------------------------------------------------------------------------------------------
+# Vision-token expansion
+
+
+def _tokens_per_item(grid_thw, merge_size: int) -> np.ndarray:
+  grid = np.zeros((0, 3), np.int64) if grid_thw is None else np.asarray(grid_thw, np.int64).reshape(-1, 3)
+  return np.prod(grid, axis=-1) // merge_size**2
+
+
+def expand_vision_tokens(text: str, image_grid_thw=None, video_grid_thw=None, merge_size: int = 2) -> str:
+  """Repeats the k-th `<|image_pad|>` (`<|video_pad|>`) by the k-th image's (video's) token count.
+
+  Equal to what HF's `Qwen2_5_VLProcessor` does to the text.
+  """
+  for token, grid in ((IMAGE_TOKEN, image_grid_thw), (VIDEO_TOKEN, video_grid_thw)):
+    counts = _tokens_per_item(grid, merge_size)
+    parts = text.split(token)
+    if len(parts) - 1 != len(counts):
+      raise ValueError(f"{len(parts) - 1} {token} placeholders in the text but {len(counts)} grids")
+    text = parts[0] + "".join(token * int(n) + rest for n, rest in zip(counts, parts[1:]))
+  return text
+
+
+def expand_vision_ids(ids, image_token_id: int, video_token_id: int, image_grid_thw=None, video_grid_thw=None,
+                      merge_size: int = 2, source: str | None = None) -> np.ndarray:
+  """Id-level `expand_vision_tokens`: (L,) ids -> (L + added,) int32 ids, without re-tokenising."""
+  ids = np.asarray(ids, np.int32)
+  return ids[_expansion_index(ids, image_token_id, video_token_id, image_grid_thw, video_grid_thw, merge_size,
+                              source)]
+
+
+def _expansion_index(ids: np.ndarray, image_token_id: int, video_token_id: int, image_grid_thw, video_grid_thw,
+                     merge_size: int, source: str | None) -> np.ndarray:
+  """Gather index that repeats each placeholder its token count."""
+  repeats = np.ones(ids.shape, np.int64)
+  for name, token_id, grid in (("image", image_token_id, image_grid_thw), ("video", video_token_id, video_grid_thw)):
+    positions = np.flatnonzero(ids == token_id)
+    counts = _tokens_per_item(grid, merge_size)
+    if len(positions) != len(counts):
+      raise ValueError(f"{source or 'prompt'}: {len(positions)} {name} placeholder tokens but {len(counts)} "
+                       f"{name} grids; give one grid per {name} in the messages")
+    repeats[positions] = counts
+  return np.repeat(np.arange(len(ids)), repeats)
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoding
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedChat:
+  """One tokenised conversation with vision placeholders expanded."""
+
+  input_ids: np.ndarray  # (L,) int32
+  target_mask: np.ndarray  # (L,) bool: assistant contents and their <|im_end|> (SFT targets)
+  num_vision_tokens: int  # how many of the L ids are <|image_pad|> / <|video_pad|>
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], image_grid_thw=None, video_grid_thw=None, *,
+                add_generation_prompt: bool = False, max_length: int | None = None, merge_size: int = 2,
+                default_system: str | None = DEFAULT_SYSTEM_MESSAGE, add_vision_id: bool = False,
+                source: str | None = None) -> EncodedChat:
+  """Renders, tokenises and expands a conversation.
+
+  The ids before expansion equal `tokenizer.encode(render(messages, ...))`.
+
+  Args:
+    tokenizer: the real or the word-level tokenizer.
+    messages: the conversation.
+    image_grid_thw, video_grid_thw: (num, 3) grids from the image processor, in order of appearance.
+    add_generation_prompt: end with the assistant turn opener (RL prompts, evaluation).
+    max_length: the length budget; longer results raise `PromptTooLongError`.
+    merge_size: patches merged per token side (2 for Qwen2.5-VL).
+    source: how errors name this example, e.g. "example 12" or a dataset record id.
+  """
+  pieces = render_segments(messages, add_generation_prompt, default_system, add_vision_id)
+  text = "".join(t for t, _ in pieces)
+  ids, offsets = tokenizer.encode_with_offsets(text)
+  ids = np.asarray(ids, np.int32)
+  spans, start = [], 0
+  for piece, is_target in pieces:
+    if is_target:
+      spans.append((start, start + len(piece)))
+    start += len(piece)
+  starts = np.asarray([o[0] for o in offsets], np.int64)
+  target = np.zeros(len(ids), bool)
+  for lo, hi in spans:
+    target |= (starts >= lo) & (starts < hi)
+
+  special = tokenizer.special
+  index = _expansion_index(ids, special.image_pad, special.video_pad, image_grid_thw, video_grid_thw, merge_size,
+                           source)
+  ids, target = ids[index], target[index]
+  num_vision = int(np.count_nonzero((ids == special.image_pad) | (ids == special.video_pad)))
+  if max_length is not None and len(ids) > max_length:
+    raise PromptTooLongError(
+        source or "example",
+        f"the tokenised chat is {len(ids)} tokens ({len(ids) - num_vision} text + {num_vision} vision), over "
+        f"the budget max_length={max_length}",
+        "Raise max_length, lower max_pixels so images yield fewer tokens, or shorten the text")
+  return EncodedChat(ids, target, num_vision)
