@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -76,3 +77,40 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"{devices.size} are available")
   return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def _path_keys(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def param_shardings(abstract_state, mesh: Mesh) -> dict:
+  """Pure-dict tree of NamedSharding for a model's parameters, from their logical axis names.
+
+  Args:
+    abstract_state: the nnx.State of a (possibly abstract, `nnx.eval_shape`) model.
+  """
+  flat = {}
+  for path, variable in nnx.to_flat_state(abstract_state):
+    names = variable.get_metadata().get("out_sharding")
+    flat[path] = logical_sharding(names, mesh, variable.get_value().shape)
+  return nnx.to_pure_dict(nnx.from_flat_state(flat))
+
+
+def tree_shardings_like(tree, param_sharding_tree, mesh: Mesh):
+  """Shardings for a tree whose leaves mirror parameters (optimizer moments, gradients).
+
+  Each leaf takes the sharding of the parameter whose path is a suffix of the leaf's path and whose
+  shape matches; anything else (step counters, scalars) is replicated.
+  """
+  by_path = {_path_keys(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_sharding_tree)}
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def pick(path, leaf):
+    keys = _path_keys(path)
+    for start in range(len(keys)):
+      sharding = by_path.get(keys[start:])
+      if sharding is not None and len(sharding.spec) <= len(getattr(leaf, "shape", ())):
+        return sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, tree)

@@ -1,0 +1,138 @@
+"""NoisyGRPO: noise-injected rollouts + Bayesian advantage (arXiv 2510.21122).
+
+Usage: python experiments/train.py --config=configs/noisygrpo.py:tiny --config.rl.noise.levels='(0.,.3,.6,.9)'
+Presets: tiny (CPU, synthetic shapes VQA, word-level tokenizer), qwen2_5_vl_3b, qwen2_5_vl_7b (the released
+scripts' hyperparameters, spec section 3; point model.checkpoint at a local HF directory).
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = "tiny"  # architecture when no checkpoint is given: tiny | qwen2_5_vl_3b | qwen2_5_vl_7b
+  c.model.checkpoint = ""  # local HF Qwen2.5-VL directory (config.json + safetensors); overrides preset
+  c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16
+  c.model.compute_dtype = ""  # "" = the parameter dtype; "bfloat16" with float32 params = bf16 compute, f32 master
+  c.model.remat = False  # rematerialise decoder layers and vision blocks in the backward pass
+  c.model.vocab_size = 512  # tiny preset only: vocabulary of the word-level tokenizer
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "word"  # word (synthetic tasks) | qwen (the real Qwen2.5 BPE) | checkpoint (model.checkpoint)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "shapes_vqa"  # shapes_vqa | local_vqa
+  c.data.data_dir = ""  # where tfds builds/reads data; "" = <train.workdir>/data
+  c.data.jsonl = ""  # local_vqa: the JSONL file (fields image, problem, solution)
+  c.data.image_root = ""  # local_vqa: folder the image paths are relative to
+  c.data.skip_bad_rows = False  # local_vqa: skip (and count) malformed rows instead of failing
+  c.data.image_size = 112  # shapes_vqa: image side in pixels
+  c.data.train_size = 2000  # shapes_vqa: training examples
+  c.data.eval_size = 200  # shapes_vqa: examples per evaluation split
+  c.data.min_pixels = 56 * 56  # processor: smallest image area after resizing
+  c.data.max_pixels = 1536 * 1536  # processor: largest image area after resizing (the original's)
+  c.data.max_prompt_tokens = 0  # prompt length budget in tokens; 0 = no limit (the original's)
+  c.data.prompt_buckets = (64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one compile each)
+  c.data.patch_buckets = (64, 256, 1024, 4096, 16384)  # padded patches per rollout image
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.advantage = "noisygrpo"  # grpo | drgrpo | rloo | noisygrpo
+  c.rl.group_size = 4  # rollouts per prompt (G); must equal len(noise.levels) for the fixed grid
+  c.rl.r_value = 0.1  # noisygrpo: R, variance of the noise prior
+  c.rl.p_alpha = 0.01  # noisygrpo: alpha in P = alpha / (sigma^2 + alpha)
+  c.rl.noise = ml_collections.ConfigDict()
+  c.rl.noise.enabled = True  # False: every rollout sees the clean image (plain GRPO exploration)
+  c.rl.noise.levels = (0.0, 0.3, 0.6, 0.9)  # fixed grid, one rollout per level, clean first
+  c.rl.noise.schedule = "fixed"  # fixed | uniform (n ~ U[0,1], first rollout clean)
+  c.rl.noise.quantize = "wrap"  # wrap (the released code's uint8 wrap-around) | clamp | none
+  c.rl.noise.anneal = "none"  # none | linear (to half strength, as the original's flag) | sigmoid (NoisyRollout)
+  c.rl.beta = 0.04  # KL coefficient against the frozen initial model; 0 drops the reference model
+  c.rl.kl_estimator = "k3"  # k1 | k2 | k3
+  c.rl.eps_low = 0.2  # clip band lower side
+  c.rl.eps_high = 0.2  # clip band upper side
+  c.rl.aggregation = "sequence_mean_token_mean"  # | token_mean (DAPO) | sequence_sum_over_max_len (Dr.GRPO)
+  c.rl.num_iterations = 1  # mu: policy updates per rollout batch (ratio uses stored old log-probs)
+  c.rl.mask_noise_correct = False  # drop noisy rollouts that beat the clean one (spec section 3)
+  c.rl.max_new_tokens = 256  # completion budget
+  c.rl.temperature = 1.0  # sampling temperature
+  c.rl.top_k = 50  # sampling top-k (0 disables)
+  c.rl.top_p = 1.0  # sampling top-p (1 disables)
+  c.rl.rewards = ("accuracy", "format")  # summed into the semantic reward s = acc + fmt
+  c.rl.accuracy_mode = "semantic"  # exact | semantic (sentence-embedding cosine with the 0.6 floor)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-6  # peak learning rate
+  c.optim.warmup_steps = 0  # linear warmup steps
+  c.optim.decay = "linear"  # linear (to 0 at train.steps) | constant
+  c.optim.weight_decay = 0.0  # AdamW decoupled weight decay
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.max_grad_norm = 1.0  # global-norm gradient clipping
+  c.optim.freeze_vision = True  # freeze the ViT and the merger (the original's setting)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.workdir = "workdir/noisygrpo_tiny"  # checkpoints, metrics, plots
+  c.train.steps = 812  # RL steps (one epoch of 13k prompts at 16 per step)
+  c.train.prompts_per_step = 16  # prompts per RL step (x group_size rollouts)
+  c.train.micro_batches = 1  # gradient accumulation: rollouts are split into this many micro-batches
+  c.train.seed = 42
+  c.train.log_every = 1  # steps between metric writes
+  c.train.eval_every = 100  # steps between evaluations (0 = never)
+  c.train.eval_splits = ("test",)  # splits evaluated during and after training
+  c.train.checkpoint_every = 100  # steps between checkpoints
+  c.train.keep_checkpoints = 3  # checkpoints kept on disk
+  c.train.init_from = ""  # a checkpoint directory of our own (e.g. the SFT warm start) to start from
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # data-parallel axis size
+  c.mesh.fsdp = -1  # parameter-sharded data-parallel axis (-1 = the remaining devices)
+  c.mesh.tensor = 1  # tensor-parallel axis size
+  c.mesh.num_processes = 1  # > 1 calls jax.distributed.initialize
+  c.mesh.coordinator_address = ""  # host:port of process 0 for multi-process runs
+  c.mesh.process_id = -1  # this process (-1 = from the cluster environment)
+  return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.model.preset = "tiny"
+  c.tokenizer.kind = "word"
+  c.data.min_pixels = 56 * 56
+  c.data.max_pixels = 112 * 112
+  c.data.prompt_buckets = (64, 96, 128)
+  c.data.patch_buckets = (64,)
+  c.rl.max_new_tokens = 48
+  c.rl.accuracy_mode = "exact"
+  c.optim.learning_rate = 3e-4
+  c.optim.warmup_steps = 5
+  c.optim.freeze_vision = False  # a randomly initialised vision tower must learn too
+  c.train.steps = 60
+  c.train.prompts_per_step = 8
+  c.train.eval_every = 20
+  c.train.checkpoint_every = 20
+  return c
+
+
+def real(preset: str):
+  def apply(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    c.model.preset = preset
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.tokenizer.kind = "checkpoint"
+    c.data.name = "local_vqa"
+    c.train.workdir = f"workdir/noisygrpo_{preset}"
+    return c
+  return apply
+
+
+PRESETS = {"tiny": tiny, "qwen2_5_vl_3b": real("qwen2_5_vl_3b"), "qwen2_5_vl_7b": real("qwen2_5_vl_7b")}
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f"unknown preset {arg!r}; choose one of {sorted(PRESETS)}")
+  c = PRESETS[arg](base_config())
+  c.lock()
+  return c

@@ -1,0 +1,39 @@
+"""A small constructed RL batch on the tiny model (shared by the training tests and their subprocesses)."""
+
+import numpy as np
+from flax import nnx
+
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg
+from noisygrpo_jax.sampling import sampler as S
+from noisygrpo_jax.training import batches
+from noisygrpo_jax.training import optimizer as opt_lib
+from noisygrpo_jax.training import train_step as ts
+from tests.models import hf_reference as ref
+
+CONFIG = cfg.tiny()
+
+
+def model_and_batch(n: int = 8, m: int = 6, seed: int = 0):
+  model = Qwen25VL(CONFIG, nnx.Rngs(seed))
+  rng = np.random.default_rng(seed)
+  grids = [(1, 4, 4 + 2 * (i % 2)) for i in range(n)]
+  ids, mask = ref.left_pad([ref.prompt(CONFIG, rng, [("image", g)], (2, 6)) for g in grids])
+  prompts = S.prompts_from_hf(model, ids, mask, pixel_values=ref.pixels(rng, grids, CONFIG),
+                              image_grid_thw=np.array(grids))
+  tokens = rng.integers(0, CONFIG.text.vocab_size - 8, (n, m))
+  completion_mask = np.ones((n, m), np.float32)
+  for i in range(n):
+    completion_mask[i, 2 + i % (m - 2):] = 0  # completions of different lengths
+  batch = batches.token_batch(prompts, tokens, completion_mask, advantages=rng.standard_normal(n))
+  return model, batch
+
+
+def setup_state(model, loss_cfg=ts.LossConfig(), freeze_vision=True, lr=1e-2, micro_batches=1, optimizer=None):
+  """AdamW (or the given optax optimizer) over the model's parameters and the un-jitted step."""
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  labels = opt_lib.parameter_labels(params, freeze_vision)
+  optimizer = optimizer or opt_lib.make_optimizer(labels, learning_rate=lr, total_steps=10)
+  step = ts.make_train_step(graphdef, optimizer, opt_lib.frozen_mask(labels), loss_cfg, micro_batches)
+  train_state = ts.TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
+  return graphdef, state, optimizer, step, train_state
