@@ -16,23 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, host
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
-
-
-@flax.struct.dataclass
-class PromptBatch:
-  """Left-padded prompts with everything the model needs, prepared on the host.
-
-  input_ids: int32 [B, T]; attention_mask: int32 [B, T] (1 = real token, padding on the left);
-  position_ids: int32 [3, B, T]; rope_deltas: int32 [B, 1]; vision: packed images per row or None.
-  """
-
-  input_ids: jax.Array
-  attention_mask: jax.Array
-  position_ids: jax.Array
-  rope_deltas: jax.Array
-  vision: host.VisionBatch | None = None
+from noisygrpo_jax.processing.collate import PromptBatch
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from noisygrpo_jax.sampling.sampler import PromptBatch
+from noisygrpo_jax.processing.collate import PromptBatch
 from noisygrpo_jax.training.train_step import TokenBatch
 
 

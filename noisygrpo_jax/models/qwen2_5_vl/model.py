@@ -129,11 +129,12 @@ class Qwen25VL(nnx.Module):
                                     video_grid_thw, second_per_grid_ts)
     inputs.pop("rope_deltas")
     graphdef, state = nnx.split(self)
-    return _jitted_logits(graphdef, state, **inputs)
+    return jitted_logits(graphdef, state, **inputs)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _jitted_logits(graphdef, state, input_ids, position_ids, attention_mask, vision):
+def jitted_logits(graphdef, state, input_ids, position_ids, attention_mask, vision):
+  """Float32 logits of `nnx.merge(graphdef, state)`; compiles once per input shape bucket."""
   return nnx.merge(graphdef, state)(input_ids, position_ids, attention_mask, vision)
 
 
