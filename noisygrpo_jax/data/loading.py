@@ -1,0 +1,65 @@
+"""`load_split`: prepare a tfds builder in a local directory if needed and read a split as numpy examples."""
+
+from __future__ import annotations
+
+import collections.abc
+import operator
+import os
+from typing import Any
+
+from noisygrpo_jax.data.local_vqa import LocalVqa
+from noisygrpo_jax.data.shapes_vqa import ShapesVqa
+
+BUILDERS = {"shapes_vqa": ShapesVqa, "local_vqa": LocalVqa}
+
+
+def _decode(example: dict[str, Any]) -> dict[str, Any]:
+  return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in example.items()}
+
+
+class NumpyExamples(collections.abc.Sequence):
+  """Random access over a tfds data source: each example a dict of numpy arrays and str (text is decoded
+  from the UTF-8 bytes tfds returns). Reads from disk on access; slicing returns a list."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return [self[i] for i in range(*index.indices(len(self)))]
+    index = operator.index(index)
+    if index < 0:
+      index += len(self)
+    if not 0 <= index < len(self):
+      raise IndexError(f"example {index} out of range for a split of {len(self)}")
+    return _decode(self._source[index])
+
+  def __repr__(self) -> str:
+    return f"NumpyExamples({self._source!r}, {len(self)} examples)"
+
+
+def prepare_builder(name: str, data_dir: str | os.PathLike, **config):
+  """The builder `name` ("shapes_vqa" or "local_vqa") for `config`, prepared in `data_dir` unless it already
+  is (preparation reuses an existing copy)."""
+  if name not in BUILDERS:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
+  cls = BUILDERS[name]
+  builder = cls(data_dir=os.fspath(data_dir), config=cls.make_config(**config))
+  builder.download_and_prepare()
+  return builder
+
+
+def load_split(name: str, split: str, data_dir: str | os.PathLike, **config) -> NumpyExamples:
+  """Split `split` of dataset `name` as random-access numpy examples; `config` goes to the builder's
+  `make_config` (`shapes_vqa_config` or `local_vqa_config`).
+
+    train = load_split("shapes_vqa", "train", "/tmp/tfds", train_size=500)
+    train[0]["image"].shape   # (112, 112, 3)
+  """
+  builder = prepare_builder(name, data_dir, **config)
+  if split not in builder.info.splits:
+    raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+  return NumpyExamples(builder.as_data_source(split=split))

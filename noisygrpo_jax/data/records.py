@@ -1,0 +1,238 @@
+"""Reading local VQA records: JSONL and JSON-list files with line numbers, images decoded to RGB uint8.
+
+No tfds here: `local_vqa` wraps `iter_jsonl_vqa` in a builder, and the evaluation benchmark loaders use the
+same helpers. Every failure is a `DataError` naming the records file, the line and what to do about it.
+
+A JSONL row has the original NoisyGRPO fields (other keys are ignored):
+  {"image": "relative/path.jpg", "problem": "question text", "solution": "reference answer", "id": optional}
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+
+logger = logging.getLogger(__name__)
+
+VQA_FIELDS = ("image", "problem", "solution")
+MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest only in the final count
+
+
+class DataError(ValueError):
+  """A file or row that cannot be read. `path` is the records file; `line` the 1-based line (or, with
+  unit="row", the row of a table) or None for the whole file."""
+
+  def __init__(self, path: str | os.PathLike, line: int | None, problem: str, fix: str, unit: str = "line"):
+    self.path, self.line, self.problem, self.fix, self.unit = os.fspath(path), line, problem, fix, unit
+    where = self.path if line is None else f"{self.path}, {unit} {line}"
+    super().__init__(f"{where}: {problem}. {fix}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Images.
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+  # As HF `convert_to_rgb` (and processing.image.to_rgb): transparency is composited onto white.
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+  return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def check_image_file(image_path: str | os.PathLike, *, path: str | os.PathLike, line: int | None = None,
+                     unit: str = "line") -> str:
+  """The absolute path of an existing image file; DataError (locating the record at `path`, `line`) if absent."""
+  image_path = os.fspath(image_path)
+  if not os.path.isfile(image_path):
+    raise DataError(path, line, f"image file {image_path} does not exist",
+                    "Fix the row's image path (relative paths resolve against the image root) or add the file",
+                    unit)
+  return os.path.abspath(image_path)
+
+
+def decode_image(data: str | os.PathLike | bytes, *, path: str | os.PathLike, line: int | None = None,
+                 unit: str = "line") -> np.ndarray:
+  """An image file (path) or encoded image bytes -> RGB uint8 [H, W, 3], EXIF orientation applied.
+
+  `path` and `line` (`unit`: "line" or "row") locate the record that refers to the image, for the error.
+  """
+  if isinstance(data, (bytes, bytearray)):
+    stream, name = io.BytesIO(data), "the embedded image"
+  else:
+    stream = name = check_image_file(data, path=path, line=line, unit=unit)
+  try:
+    with PIL.Image.open(stream) as image:
+      image.load()  # PIL decodes lazily; decoding now reports a truncated file here, with its row
+      rgb = _to_rgb(PIL.ImageOps.exif_transpose(image))
+  except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+    raise DataError(path, line, f"{name} is not a readable image ({type(e).__name__}: {e})",
+                    "Re-encode or replace the image, or remove the row", unit) from e
+  if rgb.width == 0 or rgb.height == 0:
+    raise DataError(path, line, f"{name} has zero size", "Replace the image or remove the row", unit)
+  return np.asarray(rgb, np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# JSON files with line numbers.
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed value) for each non-blank line of a JSON-lines file.
+
+  Raises DataError for a missing file; yields a DataError in place of the value for a line that is not valid
+  UTF-8 JSON, so the caller decides whether to raise or skip it.
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(path, None, "no such file", "Check the path of the JSON-lines file")
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      try:
+        text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        yield line_no, DataError(path, line_no, f"not valid UTF-8 ({e})", "Re-save the file as UTF-8")
+        continue
+      if not text.strip():
+        continue
+      try:
+        yield line_no, json.loads(text)
+      except json.JSONDecodeError as e:
+        yield line_no, DataError(path, line_no, f"invalid JSON ({e.msg} at column {e.colno})",
+                                 "Each line must be one complete JSON object")
+
+
+def iter_json_list(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+  """(line number where the item starts, item) for each item of a file holding one JSON list.
+
+  Raises DataError for a missing file, a top level that is not a list, or invalid JSON (with its line).
+  """
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(path, None, "no such file", "Check the path of the JSON file")
+  try:
+    with open(path, encoding="utf-8-sig") as f:
+      text = f.read()
+  except UnicodeDecodeError as e:
+    raise DataError(path, None, f"not valid UTF-8 ({e})", "Re-save the file as UTF-8") from e
+  decoder = json.JSONDecoder()
+  line, counted = 1, 0
+
+  def skip_space(pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+      pos += 1
+    return pos
+
+  def line_of(pos: int) -> int:
+    nonlocal line, counted
+    line += text.count("\n", counted, pos)
+    counted = pos
+    return line
+
+  pos = skip_space(0)
+  if not text.startswith("[", pos):
+    raise DataError(path, line_of(pos), "the file is not a JSON list", "Store the records as [{...}, {...}, ...]")
+  pos = skip_space(pos + 1)
+  if text.startswith("]", pos):
+    return
+  while True:
+    try:
+      item, end = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+      raise DataError(path, e.lineno, f"invalid JSON ({e.msg} at column {e.colno})",
+                      "Fix the JSON syntax of this item") from e
+    yield line_of(pos), item
+    pos = skip_space(end)
+    if text.startswith(",", pos):
+      pos = skip_space(pos + 1)
+    elif text.startswith("]", pos):
+      if text[skip_space(pos + 1):]:
+        raise DataError(path, line_of(skip_space(pos + 1)), "unexpected text after the end of the list",
+                        "Remove it: the file must hold exactly one JSON list")
+      return
+    else:
+      raise DataError(path, line_of(pos), "expected ',' or the closing ']' of the list",
+                      "Fix the JSON syntax after the previous item")
+
+
+# ------------------------------------------------------------------------------------------------
+# VQA rows.
+
+
+def _require_text(row: dict[str, Any], field: str, path: str, line: int) -> str:
+  value = row[field]
+  if not isinstance(value, str) or not value.strip():
+    raise DataError(path, line, f"field {field!r} must be a non-empty string, got {value!r:.80}",
+                    f"Write {field} as a JSON string")
+  return value
+
+
+def parse_vqa_row(row: Any, *, path: str, line: int, image_root: str, decode_images: bool = True
+                  ) -> dict[str, Any]:
+  """One JSONL row -> {"id": str, "image": uint8 [H, W, 3] (or the absolute path when not decoding),
+  "problem": str, "solution": str}."""
+  if not isinstance(row, dict):
+    raise DataError(path, line, f"expected a JSON object, got {type(row).__name__}",
+                    'Write each row as {"image": ..., "problem": ..., "solution": ...}')
+  missing = [f for f in VQA_FIELDS if f not in row]
+  if missing:
+    raise DataError(path, line, f"missing field(s) {', '.join(missing)} (the row has {', '.join(sorted(row))})",
+                    "Every row needs image (a path relative to the image root), problem and solution")
+  image, problem, solution = (_require_text(row, f, path, line) for f in VQA_FIELDS)
+  row_id = row.get("id", f"{os.path.splitext(os.path.basename(path))[0]}-{line}")
+  if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
+    raise DataError(path, line, f"field 'id' must be a string or an integer, got {row_id!r:.80}",
+                    "Fix the id or leave it out (the line number is used instead)")
+  image_path = os.path.join(image_root, image)
+  load = decode_image if decode_images else check_image_file
+  return {"id": str(row_id), "image": load(image_path, path=path, line=line), "problem": problem,
+          "solution": solution}
+
+
+def iter_jsonl_vqa(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
+                   skip_bad_rows: bool = False, decode_images: bool = True,
+                   on_skip: Callable[[DataError], None] | None = None) -> Iterator[dict[str, Any]]:
+  """Examples of a VQA JSONL file, read lazily (see `parse_vqa_row` for their keys).
+
+  `image_root` defaults to the file's directory. A bad row (invalid JSON, missing or non-string field,
+  missing or corrupt image) raises DataError unless `skip_bad_rows`; then it is logged (the first
+  MAX_LOGGED_SKIPS one by one, then a count when the file is done) and passed to `on_skip`.
+  """
+  path = os.fspath(path)
+  root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(path))
+  skipped = rows = 0
+  for line, row in iter_jsonl(path):
+    rows += 1
+    try:
+      if isinstance(row, DataError):
+        raise row
+      example = parse_vqa_row(row, path=path, line=line, image_root=root, decode_images=decode_images)
+    except DataError as e:
+      if not skip_bad_rows:
+        raise DataError(e.path, e.line, e.problem,
+                        e.fix + " (or pass skip_bad_rows=True to skip and count bad rows)", e.unit) from e
+      skipped += 1
+      if skipped <= MAX_LOGGED_SKIPS:
+        logger.warning("skipping bad row: %s", e)
+      if on_skip is not None:
+        on_skip(e)
+      continue
+    yield example
+  if skipped:
+    logger.warning("%s: skipped %d of %d rows (skip_bad_rows=True)", path, skipped, rows)
+
+
+def read_jsonl_vqa(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                   skip_bad_rows: bool = False, decode_images: bool = True) -> tuple[list[dict[str, Any]], int]:
+  """All examples of a VQA JSONL file and the number of bad rows skipped (0 unless `skip_bad_rows`)."""
+  skipped: list[DataError] = []
+  examples = list(iter_jsonl_vqa(path, image_root, skip_bad_rows=skip_bad_rows, decode_images=decode_images,
+                                 on_skip=skipped.append))
+  return examples, len(skipped)
