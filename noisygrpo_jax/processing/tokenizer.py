@@ -47,6 +47,8 @@ WORD_LEVEL_TOP_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", UNK_TOKE
                          "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 # Words the chat template itself emits; added to every word-level vocabulary unless asked not to.
 TEMPLATE_WORDS = ("\n", "system", "user", "assistant", "You", "are", "a", "helpful", ".")
+# The reasoning/answer markup of the reward format: whole tokens of the word-level vocabulary, decoded verbatim.
+MARKUP_TOKENS = ("<think>", "</think>", "<answer>", "</answer>")
 _WORD_SPLIT_REGEX = r"\n|\w+|[^\w\s]"  # newline, a run of word characters, or one punctuation character
 
 _CACHE_FORMAT = 1  # bump when the build recipe changes, so stale caches are not reused
@@ -96,7 +98,9 @@ class Tokenizer:
       raise ValueError(f"{source or 'tokenizer'}: missing the Qwen2.5-VL tokens {missing}; this is not a "
                        "Qwen2.5-VL tokenizer (or its eos/pad token names are wrong)")
     self.special = SpecialTokenIds(**ids, unk=backend.token_to_id(UNK_TOKEN) if kind == "word" else None)
-    self._special_strings = frozenset(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
+    added = backend.get_added_tokens_decoder().values()
+    self._special_strings = frozenset(t.content for t in added if t.special)
+    self._glued_strings = frozenset(t.content for t in added)  # word-level decode puts no spaces around these
 
   def __len__(self) -> int:
     return self.backend.get_vocab_size(with_added_tokens=True)
@@ -140,7 +144,7 @@ class Tokenizer:
     tokens = [self.id_to_token(i) for i in ids]
     if skip_special_tokens:
       tokens = [t for t in tokens if t not in self._special_strings]
-    return _join_words(tokens, self._special_strings)
+    return _join_words(tokens, self._glued_strings)
 
   def decode_batch(self, batch: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
     return [self.decode(ids, skip_special_tokens) for ids in batch]
@@ -177,11 +181,11 @@ class Tokenizer:
         unk_token=UNK_TOKEN if self.kind == "word" else None)
 
 
-def _join_words(tokens: list[str], specials: frozenset[str]) -> str:
+def _join_words(tokens: list[str], glued_tokens: frozenset[str]) -> str:
   pieces = []
   prev = None
   for tok in tokens:
-    glued = (prev is None or prev == "\n" or tok == "\n" or prev in specials or tok in specials
+    glued = (prev is None or prev == "\n" or tok == "\n" or prev in glued_tokens or tok in glued_tokens
              or (len(tok) == 1 and tok in ".,!?;:)]}%") or prev in ("(", "[", "{"))
     if not glued:
       pieces.append(" ")
@@ -339,6 +343,8 @@ def word_level_tokenizer(words: Iterable[str], vocab_size: int, include_template
 
   Text splits into newlines, runs of word characters, and single punctuation characters; other
   whitespace separates words and is dropped. Words not in the vocabulary map to `<unk>`. Case-sensitive.
+  The `MARKUP_TOKENS` (`<think>`, `</think>`, `<answer>`, `</answer>`) follow the words as whole tokens, so
+  `<think>...</think>\n<answer>...</answer>` completions round-trip exactly.
   """
   splitter = re.compile(_WORD_SPLIT_REGEX)
   ordered: dict[str, None] = {}
@@ -349,6 +355,8 @@ def word_level_tokenizer(words: Iterable[str], vocab_size: int, include_template
       raise ValueError(f"word {word!r} would be split by the word-level pre-tokenizer (it must be a newline, a "
                        "run of letters/digits/underscores, or one punctuation character)")
     ordered.setdefault(word)
+  for token in MARKUP_TOKENS:
+    ordered.setdefault(token)
   num_fillers = vocab_size - len(ordered) - len(WORD_LEVEL_TOP_TOKENS)
   if num_fillers < 0:
     raise ValueError(f"vocab_size={vocab_size} is too small for {len(ordered)} words plus "
@@ -360,6 +368,7 @@ def word_level_tokenizer(words: Iterable[str], vocab_size: int, include_template
   backend.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_SPLIT_REGEX), behavior="removed", invert=True)
   backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
                               for t in WORD_LEVEL_TOP_TOKENS if t != UNK_TOKEN])
+  backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in MARKUP_TOKENS])
   return Tokenizer(backend, kind="word", source="word-level")
 
 

@@ -152,5 +152,8 @@ def test_word_level_save_load_and_errors(tmp_path):
     tk.word_level_tokenizer(WORDS, 20)
   with pytest.raises(ValueError, match="split"):
     tk.word_level_tokenizer(["two words"], 64)
-  without_template = tk.word_level_tokenizer(WORDS, 20, include_template_words=False)
-  assert len(without_template) == 20
+  without_template = tk.word_level_tokenizer(WORDS, 24, include_template_words=False)
+  assert len(without_template) == 24  # the words, the 4 markup tokens and the 8 special tokens
+  cot = "<think>the red square.</think>\n<answer>blue</answer>"
+  assert loaded.decode(loaded.encode(cot)) == cot
+  assert len(loaded.encode("<think>")) == 1
