@@ -59,8 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.temperature = 1.0  # sampling temperature
   c.rl.top_k = 50  # sampling top-k (0 disables)
   c.rl.top_p = 1.0  # sampling top-p (1 disables)
-  c.rl.rewards = ("accuracy", "format")  # summed into the semantic reward s = acc + fmt
-  c.rl.accuracy_mode = "semantic"  # exact | semantic (sentence-embedding cosine with the 0.6 floor)
+  c.rl.rewards = ("accuracy", "format")  # reward functions (rl.rewards.REWARD_FUNCTIONS), accuracy first; summed into s
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6  # peak learning rate
@@ -104,7 +103,6 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.prompt_buckets = (64, 96, 128)
   c.data.patch_buckets = (64,)
   c.rl.max_new_tokens = 48
-  c.rl.accuracy_mode = "exact"
   c.optim.learning_rate = 3e-4
   c.optim.warmup_steps = 5
   c.optim.freeze_vision = False  # a randomly initialised vision tower must learn too

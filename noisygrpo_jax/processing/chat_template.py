@@ -216,3 +216,23 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[Message], image_grid_th
         f"the budget max_length={max_length}",
         "Raise max_length, lower max_pixels so images yield fewer tokens, or shorten the text")
   return EncodedChat(ids, target, num_vision)
+
+
+# The reasoning-format instruction appended to every RL/evaluation question (our own wording of the original's
+# "cot" template: reasoning inside <think>, starting with a caption, and the answer inside <answer>).
+COT_INSTRUCTION = ("First describe the image in a caption relevant to the question, then reason step by step, "
+                   "all inside <think> </think>. Then give the final answer inside <answer> </answer>.")
+
+
+def cot_question(question: str) -> str:
+  """The question followed, on a new line, by COT_INSTRUCTION."""
+  return f"{question}\n{COT_INSTRUCTION}"
+
+
+def encode_vqa_prompts(tokenizer: Tokenizer, examples: Sequence[Mapping[str, Any]], image_grids: Sequence,
+                       max_length: int | None = None) -> list[EncodedChat]:
+  """RL/evaluation prompts: each example's `problem` with the reasoning instruction, one image, and the
+  generation prompt; `image_grids[i]` is example i's (1, 3) grid."""
+  return [encode_chat(tokenizer, vqa_messages(cot_question(ex["problem"])), grid, add_generation_prompt=True,
+                      max_length=max_length, source=f"example {ex.get('id', i)}")
+          for i, (ex, grid) in enumerate(zip(examples, image_grids))]

@@ -333,6 +333,17 @@ def _token_text(token) -> str | None:
 # Word-level tokenizer for tiny models
 
 
+def word_level_vocabulary(texts: Iterable[str]) -> list[str]:
+  """The distinct words of `texts` (markup tokens excluded) in first-occurrence order, for `word_level_tokenizer`."""
+  splitter = re.compile(_WORD_SPLIT_REGEX)
+  markup = re.compile("|".join(re.escape(t) for t in MARKUP_TOKENS))
+  words: dict[str, None] = {}
+  for text in texts:
+    for word in splitter.findall(markup.sub(" ", text)):
+      words.setdefault(word)
+  return list(words)
+
+
 def word_level_tokenizer(words: Iterable[str], vocab_size: int, include_template_words: bool = True) -> Tokenizer:
   """A word-level tokenizer of exactly `vocab_size` ids with the Qwen2.5-VL special tokens.
 

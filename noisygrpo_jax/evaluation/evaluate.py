@@ -1,0 +1,52 @@
+"""Answers on an evaluation split with the jitted sampler, and their metrics."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from noisygrpo_jax.evaluation import metrics as metrics_lib
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
+from noisygrpo_jax.processing import chat_template, collate, image as image_lib
+from noisygrpo_jax.processing.tokenizer import Tokenizer
+from noisygrpo_jax.sampling import sampler
+
+
+def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], params: sampler.SamplingParams,
+           image_config: image_lib.ImageProcessorConfig, *, batch_size: int = 16, key=None,
+           prompt_buckets=(), patch_buckets=()) -> list[str]:
+  """One completion per example (greedy unless `params` samples), decoded without special tokens.
+
+  The last batch is padded with repeats of its first example so every batch has the same shape.
+  """
+  key = jax.random.key(0) if key is None else key
+  completions = []
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    real = len(chunk)
+    chunk += [chunk[0]] * (batch_size - real)
+    images = [image_lib.process_image(ex["image"], image_config) for ex in chunk]
+    chats = chat_template.encode_vqa_prompts(tokenizer, chunk, [im.image_grid_thw for im in images])
+    prompts = collate.collate_prompts(chats, images, model.config, pad_id=tokenizer.pad_id,
+                                      prompt_buckets=prompt_buckets, patch_buckets=patch_buckets)
+    out = sampler.generate(model, prompts, jax.random.fold_in(key, start), params)
+    tokens, mask = np.asarray(out.tokens)[:real], np.asarray(out.mask)[:real]
+    completions += tokenizer.decode_batch([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
+  return completions
+
+
+def evaluate_split(model, tokenizer, examples, params, image_config, **kwargs) -> dict[str, float]:
+  """accuracy, format rate, and yes/no metrics (when the split has yes/no questions) of one split."""
+  completions = answer(model, tokenizer, examples, params, image_config, **kwargs)
+  solutions = [ex["solution"] for ex in examples]
+  types = [ex.get("answer_type", "") for ex in examples]
+  result = {"accuracy": metrics_lib.accuracy(completions, solutions, types),
+            "format_rate": metrics_lib.format_rate(completions)}
+  yes_no = [i for i, t in enumerate(types) if t == "yes_no"]
+  if yes_no:
+    for name, value in metrics_lib.yes_no_metrics([completions[i] for i in yes_no],
+                                                  [solutions[i] for i in yes_no]).items():
+      result[f"yes_no_{name}"] = value
+  return result

@@ -1,0 +1,222 @@
+"""The RL loop (NoisyGRPO / GRPO family) and the SFT warm-start loop, resumable from their checkpoints.
+
+Every step's randomness is `fold_in(seed key, step)` and the data order is a per-epoch permutation of the
+seed, so a run restored from step k (params, optimizer state, data position) continues exactly as the
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from flax import nnx
+
+from noisygrpo_jax.evaluation import evaluate
+from noisygrpo_jax.processing import chat_template, collate, image as image_lib
+from noisygrpo_jax.training import batches, checkpointing, rollouts, setup, train_step
+from noisygrpo_jax.training.metrics import MetricsWriter
+
+
+class DataOrder:
+  """Example indices for a running data position: epoch e visits the examples in a seeded permutation."""
+
+  def __init__(self, size: int, seed: int):
+    if size == 0:
+      raise ValueError("the training split is empty; build the dataset or point data.* at a non-empty one")
+    self.size, self.seed = size, seed
+
+  def take(self, position: int, count: int) -> list[int]:
+    out = []
+    for p in range(position, position + count):
+      epoch, offset = divmod(p, self.size)
+      out.append(int(np.random.default_rng([self.seed, epoch]).permutation(self.size)[offset]))
+    return out
+
+
+def _abstract(state, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=s),
+                      state, shardings)
+
+
+class Run:
+  """What both loops share: workdir, mesh, data, tokenizer, model, sharded state, checkpoints, metrics."""
+
+  def __init__(self, config, kind: str):
+    setup.validate(config)
+    self.config, self.kind = config, kind
+    self.workdir = config.train.workdir
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(os.path.join(self.workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    self.mesh = setup.make_mesh(config)
+    self.train_examples = setup.load_split(config, "train")
+    self.tokenizer = setup.build_tokenizer(config, self.train_examples)
+    model = setup.build_model(config, self.tokenizer, self.mesh)
+    self.setup = setup.train_setup(config, model, self.mesh)
+    initial_params = self.setup.state.params
+    self.checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                                   keep=config.train.keep_checkpoints)
+    self.state = self.setup.state
+    self.step, self.data_position = 0, 0
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      self.state, meta = self.checkpointer.restore(latest, _abstract(self.state, self.setup.state_shardings))
+      self.step, self.data_position = int(meta["step"]), int(meta["data_position"])
+    elif config.train.init_from:
+      self.state = self.state.replace(params=self._params_from(config.train.init_from))
+      initial_params = self.state.params
+    # The state is donated to each update, so the reference model must not share its buffers.
+    self.reference_params = (jax.tree.map(jnp.copy, initial_params) if kind == "rl" and config.rl.beta
+                             else None)
+    self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, resume_step=self.step)
+    self.order = DataOrder(len(self.train_examples), config.train.seed)
+    self.key = jax.random.key(config.train.seed)
+    self._jitted_step = None
+
+  def _params_from(self, directory: str):
+    """Parameters of the newest checkpoint of another run of ours (e.g. the SFT warm start)."""
+    source = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
+    step = source.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"train.init_from={directory!r} has no checkpoints/ with a complete step; run the "
+                              "warm start first or fix the path")
+    state, _ = source.restore(step, _abstract(self.setup.state, self.setup.state_shardings))
+    return state.params
+
+  def model(self):
+    return nnx.merge(self.setup.graphdef, self.state.params)
+
+  def next_examples(self, count: int) -> list[dict]:
+    indices = self.order.take(self.data_position, count)
+    self.data_position += count
+    return [self.train_examples[i] for i in indices]
+
+  def update(self, batch: train_step.TokenBatch, loss_cfg: train_step.LossConfig, iterations: int = 1):
+    """Puts the batch on the mesh and runs `iterations` jitted policy updates; returns the last metrics."""
+    batch_sh = train_step.batch_shardings(batch, self.mesh)
+    if self._jitted_step is None:
+      step_fn = train_step.make_train_step(self.setup.graphdef, self.setup.optimizer, self.setup.frozen, loss_cfg,
+                                           self.config.train.micro_batches)
+      self._jitted_step = train_step.jit_train_step(step_fn, self.setup.state_shardings, batch_sh, self.mesh)
+    batch = jax.device_put(batch, batch_sh)
+    for _ in range(iterations):
+      self.state, metrics = self._jitted_step(self.state, batch)
+    return {k: float(v) for k, v in metrics.items()}
+
+  def save(self) -> None:
+    self.checkpointer.save(self.step, self.state, {"step": self.step, "data_position": self.data_position})
+
+  def evaluate(self, splits) -> dict[str, float]:
+    results = {}
+    params = setup.sampling_params(self.config, self.tokenizer, greedy=True)
+    for split in splits:
+      examples = setup.load_split(self.config, split)
+      metrics = evaluate.evaluate_split(self.model(), self.tokenizer, examples, params, setup.image_config(self.config),
+                                        batch_size=self.config.train.prompts_per_step,
+                                        prompt_buckets=tuple(self.config.data.prompt_buckets),
+                                        patch_buckets=tuple(self.config.data.patch_buckets))
+      results.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
+    return results
+
+  def finish_step(self, metrics: dict[str, float], end: int, bar: tqdm.tqdm, postfix: dict[str, str]) -> None:
+    """Counts the step, then logs, evaluates and checkpoints on their schedules."""
+    c = self.config.train
+    self.step += 1
+    if self.step % c.log_every == 0 or self.step == end:
+      self.writer.write(self.step, metrics)
+    if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
+      evaluation = self.evaluate(c.eval_splits)
+      self.writer.write(self.step, evaluation)
+      metrics.update(evaluation)
+    if self.step % c.checkpoint_every == 0 or self.step == end:
+      self.save()
+    bar.update(1)
+    bar.set_postfix(postfix)
+
+  def progress_bar(self, description: str) -> tqdm.tqdm:
+    return tqdm.tqdm(total=self.config.train.steps, initial=self.step, desc=description,
+                     disable=jax.process_index() != 0)
+
+  def close(self, last: dict[str, float], bar: tqdm.tqdm) -> dict[str, float]:
+    bar.close()
+    self.checkpointer.wait()
+    self.checkpointer.close()
+    self.writer.close()
+    if jax.process_index() == 0 and last:
+      with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
+        json.dump(last, f, indent=2)
+    return last
+
+
+def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
+  """Trains until train.steps (or `max_steps` more steps); returns the last logged metrics."""
+  run = Run(config, "rl")
+  c = config
+  rollout_cfg = setup.rollout_config(c, run.tokenizer)
+  loss_cfg = setup.loss_config(c)
+  chunk = train_step.LossConfig().chunk_size
+  logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk))
+  end = c.train.steps if max_steps is None else min(c.train.steps, run.step + max_steps)
+  last: dict[str, float] = {}
+  if run.step == 0 and c.train.eval_every:
+    run.writer.write(0, run.evaluate(c.train.eval_splits))
+  bar = run.progress_bar("noisygrpo")
+  while run.step < end:
+    examples = run.next_examples(c.train.prompts_per_step)
+    key = jax.random.fold_in(run.key, run.step)
+    r = rollouts.generate_rollouts(run.model(), run.tokenizer, rollout_cfg, examples, key, run.step, c.train.steps)
+    t0 = time.perf_counter()
+    batch = r.batch
+    if run.reference_params is not None:
+      batch = batch.replace(ref_logps=logps(run.reference_params, batch))
+    if c.rl.num_iterations > 1:
+      batch = batch.replace(old_logps=logps(run.state.params, batch))
+    train_metrics = run.update(batch, loss_cfg, c.rl.num_iterations)
+    last = {**r.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
+            "time/train": time.perf_counter() - t0, "data/position": run.data_position}
+    run.finish_step(last, end, bar, dict(reward=f"{last['reward/semantic']:.3f}",
+                                         clean_acc=f"{last['reward/clean_accuracy']:.2f}",
+                                         K=f"{last.get('advantage/kalman_gain', float('nan')):.2f}",
+                                         tok_s=f"{last['throughput/generated_tokens_per_s']:.0f}"))
+  return run.close(last, bar)
+
+
+def sft_batch(config, tokenizer, examples, model_config) -> train_step.TokenBatch:
+  """Teacher-forced batch: the RL prompt, and the example's reference chain of thought as the target."""
+  image_cfg = setup.image_config(config)
+  images = [image_lib.process_image(ex["image"], image_cfg) for ex in examples]
+  chats = [chat_template.encode_chat(tokenizer, chat_template.vqa_messages(chat_template.cot_question(ex["problem"]),
+                                                                            answer=ex["cot"]),
+                                     im.image_grid_thw, source=f"example {ex.get('id', i)}")
+           for i, (ex, im) in enumerate(zip(examples, images))]
+  prompt_chats, tokens, mask = collate.split_targets(chats, pad_id=tokenizer.pad_id,
+                                                     completion_buckets=(config.rl.max_new_tokens,))
+  prompts = collate.collate_prompts(prompt_chats, images, model_config, pad_id=tokenizer.pad_id,
+                                    prompt_buckets=tuple(config.data.prompt_buckets),
+                                    patch_buckets=tuple(config.data.patch_buckets))
+  return batches.token_batch(prompts, tokens, mask)
+
+
+def run_sft(config, max_steps: int | None = None) -> dict[str, float]:
+  """Teacher-forced cross-entropy on the reference chains of thought (the RL warm start)."""
+  run = Run(config, "sft")
+  c = config
+  loss_cfg = setup.loss_config(c, kind="sft")
+  end = c.train.steps if max_steps is None else min(c.train.steps, run.step + max_steps)
+  last: dict[str, float] = {}
+  bar = run.progress_bar("sft")
+  model_config = run.model().config
+  while run.step < end:
+    examples = run.next_examples(c.train.prompts_per_step)
+    t0 = time.perf_counter()
+    last = {f"train/{k}": v for k, v in run.update(sft_batch(c, run.tokenizer, examples, model_config),
+                                                    loss_cfg).items()}
+    last["time/train"] = time.perf_counter() - t0
+    run.finish_step(last, end, bar, dict(loss=f"{last['train/loss']:.3f}"))
+  return run.close(last, bar)

@@ -1,0 +1,134 @@
+"""One RL step's rollouts on the host: noisy copies -> processing -> sampler -> rewards -> advantages.
+
+Generation sees each rollout's noisy image; the returned TokenBatch carries every rollout's group-clean
+image (the group's first, level-0 copy), on which log-probs are computed (spec section 1.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
+from noisygrpo_jax.processing import chat_template, collate, image as image_lib
+from noisygrpo_jax.processing.tokenizer import Tokenizer
+from noisygrpo_jax.rl import advantages as advantages_lib
+from noisygrpo_jax.rl import noise as noise_lib
+from noisygrpo_jax.rl import objective, rewards as rewards_lib
+from noisygrpo_jax.sampling import sampler
+from noisygrpo_jax.training import batches
+from noisygrpo_jax.training.train_step import TokenBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """Static settings of rollout generation and scoring (unpacked from the config at the edge)."""
+
+  group_size: int
+  noise_enabled: bool
+  noise_levels: tuple[float, ...]
+  noise_schedule: str
+  noise_quantize: str
+  noise_anneal: str
+  advantage: str
+  advantage_hyper: dict
+  reward_functions: tuple[str, ...]
+  mask_noise_correct: bool
+  sampling: sampler.SamplingParams
+  image: image_lib.ImageProcessorConfig
+  prompt_buckets: tuple[int, ...]
+  patch_buckets: tuple[int, ...]
+  max_prompt_tokens: int
+
+
+@dataclasses.dataclass
+class Rollouts:
+  batch: TokenBatch  # rows grouped by prompt, clean (level 0) rollout first; clean images
+  metrics: dict[str, float]
+  completions: list[str]
+
+
+def noise_levels(cfg: RolloutConfig, key, num_prompts: int, step: int, total_steps: int) -> np.ndarray:
+  """float32 [P, G] per-rollout noise levels (zeros when noise is off)."""
+  if not cfg.noise_enabled:
+    return np.zeros((num_prompts, cfg.group_size), np.float32)
+  keys = jax.random.split(key, num_prompts)
+  return np.stack([np.asarray(noise_lib.schedule_levels(k, step, total_steps, kind=cfg.noise_schedule,
+                                                        levels=cfg.noise_levels, group_size=cfg.group_size,
+                                                        anneal=cfg.noise_anneal)) for k in keys])
+
+
+def rollout_images(cfg: RolloutConfig, key, examples: Sequence[dict], levels: np.ndarray) -> list[list[np.ndarray]]:
+  """Per example, its G rollout images (uint8 [H, W, 3]); noise is applied at native resolution, before the
+  processor's resize (spec section 1.1)."""
+  if not cfg.noise_enabled:
+    return [[np.asarray(ex["image"])] * cfg.group_size for ex in examples]
+  keys = jax.random.split(key, len(examples))
+  return [list(np.asarray(noise_lib.noisy_copies(k, np.asarray(ex["image"]), lv, quantize=cfg.noise_quantize)))
+          for k, ex, lv in zip(keys, examples, levels)]
+
+
+def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, examples: Sequence[dict], key,
+                      step: int, total_steps: int) -> Rollouts:
+  """Samples G rollouts per example, scores them and computes advantages.
+
+  Returns a TokenBatch of P * G rows (advantages and trajectory mask filled; old/ref log-probs zero) and
+  the step's rollout metrics.
+  """
+  p, g = len(examples), cfg.group_size
+  level_key, noise_key, sample_key = jax.random.split(key, 3)
+  levels = noise_levels(cfg, level_key, p, step, total_steps)
+  images = rollout_images(cfg, noise_key, examples, levels)
+
+  t0 = time.perf_counter()
+  processed = [[image_lib.process_image(im, cfg.image) for im in group] for group in images]
+  chats = chat_template.encode_vqa_prompts(tokenizer, examples, [group[0].image_grid_thw for group in processed],
+                                          cfg.max_prompt_tokens or None)
+  rows = [(chat, im) for chat, group in zip(chats, processed) for im in group]
+  prompts = collate.collate_prompts([c for c, _ in rows], [im for _, im in rows], model.config,
+                                    pad_id=tokenizer.pad_id, prompt_buckets=cfg.prompt_buckets,
+                                    patch_buckets=cfg.patch_buckets)
+  out = sampler.generate(model, prompts, sample_key, cfg.sampling)
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  t1 = time.perf_counter()
+
+  completions = tokenizer.decode_batch([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
+  solutions = [ex["solution"] for ex in examples for _ in range(g)]
+  questions = [ex["problem"] for ex in examples for _ in range(g)]
+  per_fn, semantic, failures = rewards_lib.combine_rewards(completions, solutions, questions, cfg.reward_functions)
+  semantic = semantic.reshape(p, g)
+  accuracy = per_fn[:, 0].reshape(p, g)  # the first reward function is the accuracy
+  adv, diag = advantages_lib.compute_advantages(cfg.advantage, semantic, levels, **cfg.advantage_hyper)
+  trajectory = (objective.mask_noise_correct(accuracy, levels) if cfg.mask_noise_correct
+                else np.ones((p, g), np.float32))
+  t2 = time.perf_counter()
+
+  # Every rollout is scored on its group's clean image: row 0 of each group.
+  clean_rows = np.repeat(np.arange(p) * g, g)
+  clean_prompts = prompts.replace(vision=jax.tree.map(lambda x: x[clean_rows], prompts.vision))
+  batch = batches.token_batch(clean_prompts, tokens, mask, advantages=np.asarray(adv).reshape(-1),
+                              trajectory_mask=np.asarray(trajectory).reshape(-1))
+  generated = int(mask.sum())
+  metrics = {
+      "reward/semantic": float(semantic.mean()),
+      "reward/accuracy": float(accuracy.mean()),
+      "reward/clean_accuracy": float(accuracy[:, 0].mean()),
+      "reward/format": float(per_fn[:, 1].mean()) if per_fn.shape[1] > 1 else float("nan"),
+      "reward/group_std": float(np.std(semantic, axis=1, ddof=1).mean()) if g > 1 else 0.0,
+      "reward/failures": float(sum(failures.values())),
+      "advantage/abs_mean": float(np.abs(np.asarray(adv)).mean()),
+      "completion/length": float(mask.sum(1).mean()),
+      "completion/truncated": float((mask[:, -1] > 0).mean()),
+      "rollout/kept_fraction": float(np.asarray(trajectory).mean()),
+      "time/generate": t1 - t0,
+      "time/reward": t2 - t1,
+      "throughput/generated_tokens_per_s": generated / max(t1 - t0, 1e-9),
+  }
+  for name in ("kalman_gain", "sigma"):
+    if name in diag:
+      metrics[f"advantage/{name}"] = float(np.asarray(diag[name]).mean())
+  return Rollouts(batch=batch, metrics=metrics, completions=completions)

@@ -1,0 +1,165 @@
+"""Builds what a run needs from its ml_collections config: mesh, data, tokenizer, model, optimizer, state.
+
+This is the edge where config objects are unpacked into the plain arguments of the library's functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from noisygrpo_jax import sharding
+from noisygrpo_jax.data import loading
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config_lib, load_hf
+from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib
+from noisygrpo_jax.sampling import sampler
+from noisygrpo_jax.training import optimizer as optimizer_lib
+from noisygrpo_jax.training import rollouts, train_step
+
+GROUP_SIZE_ERROR = ("rl.group_size={g} does not match the {n} noise levels {levels}; with the fixed grid each "
+                    "rollout of a group takes one level: set rl.group_size={n} or change rl.noise.levels")
+
+
+def validate(config) -> None:
+  """Checks cross-field consistency; raises ValueError naming the fields and the fix."""
+  rl = config.rl
+  if rl.group_size < 2:
+    raise ValueError(f"rl.group_size={rl.group_size}: group-relative advantages need at least 2 rollouts per "
+                     "prompt")
+  if rl.noise.enabled and rl.noise.schedule == "fixed" and len(rl.noise.levels) != rl.group_size:
+    raise ValueError(GROUP_SIZE_ERROR.format(g=rl.group_size, n=len(rl.noise.levels), levels=rl.noise.levels))
+  if any(not 0.0 <= level <= 1.0 for level in rl.noise.levels):
+    raise ValueError(f"rl.noise.levels={rl.noise.levels}: every level must lie in [0, 1]")
+  if rl.advantage == "noisygrpo" and not rl.noise.enabled:
+    raise ValueError("rl.advantage='noisygrpo' needs rl.noise.enabled=True (its prior is the noise level)")
+  rows = config.train.prompts_per_step * rl.group_size
+  if rows % config.train.micro_batches:
+    raise ValueError(f"train.prompts_per_step * rl.group_size = {rows} rollouts cannot be split into "
+                     f"train.micro_batches={config.train.micro_batches} equal micro-batches")
+
+
+def make_mesh(config):
+  """jax.distributed.initialize when asked, then the (data, fsdp, tensor) mesh."""
+  m = config.mesh
+  if m.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=m.coordinator_address or None, num_processes=m.num_processes,
+                               process_id=None if m.process_id < 0 else m.process_id)
+  return sharding.make_mesh(m.data, m.fsdp, m.tensor)
+
+
+def data_dir(config) -> str:
+  return config.data.data_dir or os.path.join(config.train.workdir, "data")
+
+
+def dataset_kwargs(config) -> dict:
+  d = config.data
+  if d.name == "shapes_vqa":
+    return dict(image_size=d.image_size, seed=config.train.seed, train_size=d.train_size, test_size=d.eval_size,
+                ood_size=d.eval_size, hallucination_size=d.eval_size, robustness_size=d.eval_size)
+  if d.name == "local_vqa":
+    if not d.jsonl:
+      raise ValueError("data.name='local_vqa' needs data.jsonl: the JSONL file with image, problem, solution")
+    return dict(files=d.jsonl, image_root=d.image_root or None, skip_bad_rows=d.skip_bad_rows)
+  raise ValueError(f"data.name={d.name!r} must be 'shapes_vqa' or 'local_vqa'")
+
+
+def load_split(config, split: str):
+  return loading.load_split(config.data.name, split, data_dir(config), **dataset_kwargs(config))
+
+
+def build_tokenizer(config, train_examples) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer; the word-level one is built from the training texts once and kept in the workdir."""
+  kind = config.tokenizer.kind
+  if kind == "qwen":
+    return tokenizer_lib.qwen2_5_tokenizer()
+  if kind == "checkpoint":
+    return tokenizer_lib.load_tokenizer(config.model.checkpoint)
+  if kind != "word":
+    raise ValueError(f"tokenizer.kind={kind!r} must be 'word', 'qwen' or 'checkpoint'")
+  saved = os.path.join(config.train.workdir, "tokenizer")
+  if os.path.exists(os.path.join(saved, "tokenizer.json")):
+    return tokenizer_lib.load_tokenizer(saved)
+  texts = [chat_template.COT_INSTRUCTION] + [t for ex in train_examples
+                                             for t in (ex["problem"], ex.get("cot", ""), ex["solution"])]
+  words = tokenizer_lib.word_level_vocabulary(texts)
+  tokenizer = tokenizer_lib.word_level_tokenizer(words, config.model.vocab_size)
+  if jax.process_index() == 0:
+    tokenizer.save(saved)
+  return tokenizer
+
+
+def model_config(config, tokenizer) -> model_config_lib.Qwen25VLConfig:
+  runtime = dict(dtype=config.model.dtype, remat=config.model.remat)
+  if config.model.checkpoint:
+    return model_config_lib.from_hf_json(config.model.checkpoint, **runtime)
+  if config.model.preset == "tiny":
+    return model_config_lib.tiny(vocab_size=len(tokenizer), **runtime)
+  return model_config_lib.PRESETS[config.model.preset](**runtime)
+
+
+def build_model(config, tokenizer, mesh) -> Qwen25VL:
+  """A HF checkpoint (sharded straight onto the mesh) or a random initialisation."""
+  if config.model.checkpoint:
+    return load_hf(config.model.checkpoint, dtype=config.model.dtype, mesh=mesh)
+  return Qwen25VL(model_config(config, tokenizer), nnx.Rngs(config.train.seed))
+
+
+def sampling_params(config, tokenizer, greedy: bool = False) -> sampler.SamplingParams:
+  rl = config.rl
+  eos = tuple(sorted({tokenizer.eos_id, tokenizer.special.endoftext}))
+  return sampler.SamplingParams(max_new_tokens=rl.max_new_tokens, greedy=greedy, temperature=rl.temperature,
+                                top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos, pad_id=tokenizer.pad_id)
+
+
+def image_config(config) -> image_lib.ImageProcessorConfig:
+  return image_lib.ImageProcessorConfig(min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+
+
+def rollout_config(config, tokenizer) -> rollouts.RolloutConfig:
+  rl = config.rl
+  hyper = dict(r_value=rl.r_value, p_alpha=rl.p_alpha) if rl.advantage == "noisygrpo" else {}
+  return rollouts.RolloutConfig(
+      group_size=rl.group_size, noise_enabled=rl.noise.enabled, noise_levels=tuple(rl.noise.levels),
+      noise_schedule=rl.noise.schedule, noise_quantize=rl.noise.quantize, noise_anneal=rl.noise.anneal,
+      advantage=rl.advantage, advantage_hyper=hyper, reward_functions=tuple(rl.rewards),
+      mask_noise_correct=rl.mask_noise_correct, sampling=sampling_params(config, tokenizer),
+      image=image_config(config), prompt_buckets=tuple(config.data.prompt_buckets),
+      patch_buckets=tuple(config.data.patch_buckets), max_prompt_tokens=config.data.max_prompt_tokens)
+
+
+def loss_config(config, kind: str = "grpo") -> train_step.LossConfig:
+  rl = config.rl
+  return train_step.LossConfig(kind=kind, beta=rl.beta, kl_estimator=rl.kl_estimator, eps_low=rl.eps_low,
+                               eps_high=rl.eps_high, aggregation=rl.aggregation,
+                               use_old_logps=rl.num_iterations > 1, temperature=1.0)
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """The model's graph, the optimizer and the sharded train state of a run."""
+
+  graphdef: nnx.GraphDef
+  optimizer: object
+  frozen: dict
+  state_shardings: train_step.TrainState
+  state: train_step.TrainState
+
+
+def train_setup(config, model: Qwen25VL, mesh) -> TrainSetup:
+  graphdef, model_state = nnx.split(model)
+  params = nnx.to_pure_dict(model_state)
+  labels = optimizer_lib.parameter_labels(params, config.optim.freeze_vision)
+  o = config.optim
+  optimizer = optimizer_lib.make_optimizer(
+      labels, learning_rate=o.learning_rate, total_steps=config.train.steps, warmup_steps=o.warmup_steps,
+      decay=o.decay, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm)
+  shardings = train_step.state_shardings(model_state, optimizer, mesh)
+  params = jax.device_put(params, shardings.params)
+  init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
+  state = train_step.TrainState(step=jax.device_put(np.int32(0), shardings.step), params=params,
+                                opt_state=init(params))
+  return TrainSetup(graphdef, optimizer, optimizer_lib.frozen_mask(labels), shardings, state)
