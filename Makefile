@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-CONFIG ?= configs/noisygrpo.py:tiny
+CONFIG ?=
 ARGS ?=
 PYTEST_ARGS ?=
+SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup test test-all train bench bench-forward lint clean
+.PHONY: setup test test-all train sft compare sweep-noise bench bench-forward bench-processing clean
 
 setup: $(STAMP)
 
@@ -23,13 +24,36 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
+# Without CONFIG: the embedded default (SFT warm start, NoisyGRPO, evaluation, plots, summary).
+# With CONFIG: one RL run of that config, e.g. make train CONFIG=configs/grpo.py:tiny ARGS=--config.train.steps=10
 train: $(STAMP)
+ifeq ($(CONFIG),)
+	$(PY) experiments/default_run.py $(ARGS)
+else
 	$(PY) experiments/train.py --config=$(CONFIG) $(ARGS)
+endif
+
+sft: $(STAMP)
+	$(PY) experiments/sft.py --config=$(or $(CONFIG),configs/sft.py:tiny) $(ARGS)
+
+# GRPO vs NoisyGRPO vs noise without the Bayesian advantage, 3 seeds each, from one warm start.
+compare: $(STAMP)
+	$(PY) experiments/default_run.py --methods=noisygrpo,grpo,noise_only --seeds=0,1,2 --out=results/compare $(ARGS)
+
+# A sweep is a loop over config overrides: here the noise grid.
+sweep-noise: $(STAMP)
+	for levels in $(SWEEP_LEVELS); do \
+	  $(PY) experiments/train.py --config=$(or $(CONFIG),configs/noisygrpo.py:tiny) \
+	    --config.rl.noise.levels="$$levels" --config.train.workdir="workdir/sweep_noise/$$levels" $(ARGS) || exit 1; \
+	done
 
 bench-forward: $(STAMP)
 	$(PY) experiments/bench/bench_forward.py $(ARGS)
 
-bench: bench-forward
+bench-processing: $(STAMP)
+	$(PY) experiments/bench/bench_processing.py $(ARGS)
+
+bench: bench-forward bench-processing
 
 clean:
 	rm -rf $(VENV)

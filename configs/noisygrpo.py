@@ -12,12 +12,12 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
-  c.model.preset = "tiny"  # architecture when no checkpoint is given: tiny | qwen2_5_vl_3b | qwen2_5_vl_7b
+  c.model.preset = "small"  # architecture without a checkpoint: tiny | small | qwen2_5_vl_3b | qwen2_5_vl_7b
   c.model.checkpoint = ""  # local HF Qwen2.5-VL directory (config.json + safetensors); overrides preset
   c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16
   c.model.compute_dtype = ""  # "" = the parameter dtype; "bfloat16" with float32 params = bf16 compute, f32 master
   c.model.remat = False  # rematerialise decoder layers and vision blocks in the backward pass
-  c.model.vocab_size = 512  # tiny preset only: vocabulary of the word-level tokenizer
+  c.model.vocab_size = 512  # tiny/small presets: vocabulary of the word-level tokenizer
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "word"  # word (synthetic tasks) | qwen (the real Qwen2.5 BPE) | checkpoint (model.checkpoint)
@@ -96,19 +96,20 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  c.model.preset = "tiny"
+  c.model.preset = "small"  # ~4M parameters
   c.tokenizer.kind = "word"
   c.data.min_pixels = 56 * 56
   c.data.max_pixels = 112 * 112
   c.data.prompt_buckets = (64, 96, 128)
   c.data.patch_buckets = (64,)
-  c.rl.max_new_tokens = 48
-  c.optim.learning_rate = 3e-4
+  c.rl.max_new_tokens = 80  # the reference chains of thought are up to 73 tokens
+  c.rl.rewards = ("accuracy_normalized", "format")  # short synthetic answers: exact match after normalising
+  c.optim.learning_rate = 3e-5  # 3e-4 lowered test accuracy within 30 steps; 3e-5 raised it
   c.optim.warmup_steps = 5
   c.optim.freeze_vision = False  # a randomly initialised vision tower must learn too
-  c.train.steps = 60
+  c.train.steps = 80
   c.train.prompts_per_step = 8
-  c.train.eval_every = 20
+  c.train.eval_every = 40
   c.train.checkpoint_every = 20
   return c
 

@@ -118,7 +118,7 @@ class Run:
     for split in splits:
       examples = setup.load_split(self.config, split)
       metrics = evaluate.evaluate_split(self.model(), self.tokenizer, examples, params, setup.image_config(self.config),
-                                        batch_size=self.config.train.prompts_per_step,
+                                        batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
                                         prompt_buckets=tuple(self.config.data.prompt_buckets),
                                         patch_buckets=tuple(self.config.data.patch_buckets))
       results.update({f"eval/{split}/{k}": v for k, v in metrics.items()})

@@ -96,8 +96,8 @@ def model_config(config, tokenizer) -> model_config_lib.Qwen25VLConfig:
   runtime = dict(dtype=config.model.dtype, remat=config.model.remat)
   if config.model.checkpoint:
     return model_config_lib.from_hf_json(config.model.checkpoint, **runtime)
-  if config.model.preset == "tiny":
-    return model_config_lib.tiny(vocab_size=len(tokenizer), **runtime)
+  if config.model.preset in ("tiny", "small"):
+    return model_config_lib.PRESETS[config.model.preset](vocab_size=len(tokenizer), **runtime)
   return model_config_lib.PRESETS[config.model.preset](**runtime)
 
 
