@@ -135,7 +135,8 @@ def loss_config(config, kind: str = "grpo") -> train_step.LossConfig:
   rl = config.rl
   return train_step.LossConfig(kind=kind, beta=rl.beta, kl_estimator=rl.kl_estimator, eps_low=rl.eps_low,
                                eps_high=rl.eps_high, aggregation=rl.aggregation,
-                               use_old_logps=rl.num_iterations > 1, temperature=1.0)
+                               use_old_logps=rl.num_iterations > 1, temperature=1.0,
+                               compute_dtype=config.model.compute_dtype)
 
 
 @dataclasses.dataclass

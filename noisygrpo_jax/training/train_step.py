@@ -73,6 +73,7 @@ class LossConfig:
   use_old_logps: bool = False  # False (num_iterations == 1): old = stop_gradient(current), ratio 1
   chunk_size: int = 16384
   temperature: float = 1.0
+  compute_dtype: str = ""  # "" = the parameter dtype; "bfloat16" with float32 params: bf16 compute, f32 master
 
 
 def completion_logps(model, batch: TokenBatch, chunk_size: int, temperature: float = 1.0) -> jax.Array:
@@ -126,6 +127,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, frozen: d
 
   def micro_loss(params, micro: TokenBatch, total_den):
     params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+    if cfg.compute_dtype:
+      params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)  # the gradient flows back to f32
     num, den, sums = loss_terms(nnx.merge(graphdef, params), micro, cfg)
     return num / total_den, (num, sums)
 

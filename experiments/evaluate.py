@@ -1,0 +1,41 @@
+"""Evaluate a run's latest checkpoint on dataset splits or on a local benchmark copy.
+
+  python experiments/evaluate.py --config=configs/noisygrpo.py:tiny --config.train.workdir=workdir/default/noisygrpo_seed42
+  python experiments/evaluate.py --config=... --benchmark=pope --path=/data/pope/coco_pope_random.json --image_root=/data/coco
+"""
+
+import json
+import os
+
+from absl import flags
+
+import cli
+from noisygrpo_jax.evaluation import benchmark_loaders, evaluate
+from noisygrpo_jax.training import loops, setup
+
+flags.DEFINE_list("splits", ["test", "ood", "hallucination", "robustness"], "Dataset splits to evaluate.")
+flags.DEFINE_enum("benchmark", "", ["", "mmstar", "pope", "amber"], "A local benchmark instead of the splits.")
+flags.DEFINE_string("path", "", "Benchmark file: MMStar TSV/parquet, a POPE JSONL, or AMBER's query JSON.")
+flags.DEFINE_string("annotations", "", "AMBER annotations JSON.")
+flags.DEFINE_string("image_root", "", "Folder of the benchmark's images (POPE, AMBER).")
+FLAGS = flags.FLAGS
+
+
+def run(config):
+  run = loops.Run(config, "eval")  # restores the latest checkpoint of train.workdir
+  if FLAGS.benchmark:
+    examples = {"mmstar": lambda: benchmark_loaders.load_mmstar(FLAGS.path),
+                "pope": lambda: benchmark_loaders.load_pope(FLAGS.path, FLAGS.image_root),
+                "amber": lambda: benchmark_loaders.load_amber(FLAGS.path, FLAGS.annotations, FLAGS.image_root)}
+    params = setup.sampling_params(config, run.tokenizer, greedy=True)
+    results = {f"eval/{FLAGS.benchmark}/{k}": v for k, v in evaluate.evaluate_split(
+        run.model(), run.tokenizer, examples[FLAGS.benchmark](), params, setup.image_config(config)).items()}
+  else:
+    results = run.evaluate(FLAGS.splits)
+  print(json.dumps({"step": run.step, **results}, indent=2))
+  with open(os.path.join(config.train.workdir, f"eval_step{run.step}.json"), "w") as f:
+    json.dump({"step": run.step, **results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  cli.main("configs/noisygrpo.py:tiny", run)
