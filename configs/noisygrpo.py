@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_splits = ("test",)  # splits evaluated during and after training
   c.train.checkpoint_every = 100  # steps between checkpoints
   c.train.keep_checkpoints = 3  # checkpoints kept on disk
+  c.train.max_consecutive_skips = 5  # stop with an error after this many updates skipped for non-finite values
   c.train.init_from = ""  # a checkpoint directory of our own (e.g. the SFT warm start) to start from
 
   c.mesh = ml_collections.ConfigDict()

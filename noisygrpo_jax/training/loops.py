@@ -78,6 +78,7 @@ class Run:
     self.order = DataOrder(len(self.train_examples), config.train.seed)
     self.key = jax.random.key(config.train.seed)
     self._jitted_step = None
+    self.consecutive_skips = 0
 
   def _params_from(self, directory: str):
     """Parameters of the newest checkpoint of another run of ours (e.g. the SFT warm start)."""
@@ -105,9 +106,17 @@ class Run:
                                            self.config.train.micro_batches)
       self._jitted_step = train_step.jit_train_step(step_fn, self.setup.state_shardings, batch_sh, self.mesh)
     batch = jax.device_put(batch, batch_sh)
+    skipped = 0
     for _ in range(iterations):
       self.state, metrics = self._jitted_step(self.state, batch)
-    return {k: float(v) for k, v in metrics.items()}
+      skipped += int(metrics["skipped"])
+    self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+    limit = self.config.train.max_consecutive_skips
+    if self.consecutive_skips >= limit:
+      raise FloatingPointError(f"step {self.step + 1}: {self.consecutive_skips} consecutive updates had a "
+                               f"non-finite loss or gradient (train.max_consecutive_skips={limit}); lower the "
+                               "learning rate, check the data, or resume from the last checkpoint")
+    return {**{k: float(v) for k, v in metrics.items()}, "skipped": float(skipped)}
 
   def save(self) -> None:
     self.checkpointer.save(self.step, self.state, {"step": self.step, "data_position": self.data_position})

@@ -150,13 +150,18 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, frozen: d
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient skips the update: parameters and optimizer state stay as they were.
+    finite = jnp.isfinite(num) & jnp.isfinite(optax.global_norm(grads))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     if cfg.kind == "sft":
       metrics = {"loss": num / total_den, "tokens": sums["token_count"]}
     else:
       metrics = objective.metrics_from_sums(num, total_den, sums)
     metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["update_norm"] = optax.global_norm(updates)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    metrics["update_norm"] = jnp.where(finite, optax.global_norm(updates), 0.0)
+    metrics["skipped"] = (~finite).astype(jnp.float32)
+    return TrainState(step=state.step + finite.astype(state.step.dtype), params=params, opt_state=opt_state), metrics
 
   return step
 

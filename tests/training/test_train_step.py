@@ -138,3 +138,17 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   # bf16 rounding (relative 2^-9) through the tiny model moves the mean token NLL by well under 1%.
   assert abs(losses["bfloat16"] - losses[""]) <= 0.01 * losses[""]
   assert losses["bfloat16"] != losses[""]
+
+
+def test_non_finite_loss_skips_the_update():
+  model, batch = H.model_and_batch()
+  graphdef, _, _, step, state = H.setup_state(model)
+  batch = _with_reference(graphdef, state, batch)
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  poisoned = batch.replace(advantages=np.where(np.arange(8) == 3, np.nan, batch.advantages).astype(np.float32))
+  new_state, metrics = jax.jit(step)(state, poisoned)
+  assert float(metrics["skipped"]) == 1.0 and int(new_state.step) == 0
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((new_state.params, new_state.opt_state))):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  new_state, metrics = jax.jit(step)(new_state, batch)
+  assert float(metrics["skipped"]) == 0.0 and int(new_state.step) == 1
