@@ -13,7 +13,6 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL

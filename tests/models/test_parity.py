@@ -7,7 +7,6 @@ so that every image has several windows, partial ones included; text 2 layers wi
 import dataclasses
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

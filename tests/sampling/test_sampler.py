@@ -14,7 +14,6 @@ import torch
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl import config as cfg
-from noisygrpo_jax.models.qwen2_5_vl import host
 from noisygrpo_jax.sampling import sampler as S
 from tests.models import hf_reference as ref
 
@@ -145,7 +144,7 @@ def test_sampling_frequencies_match_the_truncated_distribution(top_k, top_p, tem
 
 
 def test_sharded_batch_equals_single_device(tmp_path):
-  script = textwrap.dedent(f"""
+  script = textwrap.dedent("""
       import os
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
       import jax, numpy as np

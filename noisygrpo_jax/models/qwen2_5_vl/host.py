@@ -10,7 +10,6 @@ order": frames, then blocks of `merge x merge` patches row by row, the patches o
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import flax.struct
