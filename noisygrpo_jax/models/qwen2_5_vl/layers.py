@@ -86,3 +86,32 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
+
+
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
+  """Attention within contiguous segments of at most `block` positions, in O(P * block) instead of O(P^2).
+
+  A query in [s, s + block) can only share a segment with keys in [s - block, s + 2 * block), so each query
+  block attends to a 3-block key window with the segment mask. Equals `attention` with the dense mask
+  segment_ids[:, None] == segment_ids[None, :] on every position whose segment is at most `block` long.
+
+  Args:
+    q, k, v: [P, H, D]; segment_ids: int [P].
+  Returns:
+    [P, H, D].
+  """
+  p, h, d = q.shape
+  n = -(-p // block)
+  tail = n * block - p
+  q_blocks = jnp.pad(q, ((0, tail), (0, 0), (0, 0))).reshape(n, block, h, d)
+  q_seg = jnp.pad(segment_ids, (0, tail), constant_values=-1).reshape(n, block)
+
+  def key_windows(x, fill):
+    padded = jnp.pad(x, ((block, tail + block),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
+    return jnp.concatenate([padded[i * block:(n + i) * block].reshape((n, block) + x.shape[1:]) for i in range(3)],
+                           axis=1)
+
+  k_seg = key_windows(segment_ids, -2)
+  mask = q_seg[:, :, None] == k_seg[:, None, :]
+  out = attention(q_blocks, key_windows(k, 0), key_windows(v, 0), mask)
+  return out.reshape(n * block, h, d)[:p]

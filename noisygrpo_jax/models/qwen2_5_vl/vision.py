@@ -2,7 +2,8 @@
 
 Runs on one `VisionBatch` row at a time (vmapped over the batch by the caller), so images are sharded
 with the batch rows they belong to. Window and full attention are block-diagonal masks built from
-the host-computed segment ids; padding patches form their own segment.
+the host-computed segment ids (windowed blocks only look at a 3-window neighbourhood of each query
+block, since windows are contiguous in window order); padding patches form their own segment.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl.config import VisionConfig
-from noisygrpo_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, apply_rope, attention
+from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, attention,
+                                                    local_attention)
 
 
 class PatchEmbed(nnx.Module):
@@ -29,34 +31,43 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionAttention(nnx.Module):
+  """Non-causal attention within segments: windows (windowed blocks) or image frames (full-attention blocks)."""
 
-  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs, windowed: bool):
     dim = config.hidden_size
     self.num_heads = config.num_heads
+    # Windowed blocks attend locally: a window holds at most merger_window^2 merged tokens.
+    self.window_block = config.merger_window**2 * config.merge_unit if windowed else None
     self.qkv = Linear(dim, 3 * dim, bias=True, names=("vision_embed", "qkv"), dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, bias=True, names=("qkv", "vision_embed"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    """x [P, C], cos/sin [P, head_dim], mask bool [P, P] -> [P, C]."""
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x [P, C], cos/sin [P, head_dim], segment_ids int [P] -> [P, C]."""
     p, c = x.shape
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, c // self.num_heads), 1, 0)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attention(q[None], k[None], v[None], mask[None])[0]
+    if self.window_block is None:
+      mask = segment_ids[:, None] == segment_ids[None, :]
+      out = attention(q[None], k[None], v[None], mask[None])[0]
+    else:
+      out = local_attention(q, k, v, segment_ids, self.window_block)
     return self.proj(out.reshape(p, c))
 
 
 class VisionBlock(nnx.Module):
 
-  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs, windowed: bool):
     norm = dict(eps=1e-6, names=("norm",), dtype=dtype, rngs=rngs)
+    self.windowed = windowed
     self.norm1 = RMSNorm(config.hidden_size, **norm)
     self.norm2 = RMSNorm(config.hidden_size, **norm)
-    self.attn = VisionAttention(config, dtype, rngs)
+    self.attn = VisionAttention(config, dtype, rngs, windowed)
     self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True,
                       names=("vision_embed", "vision_mlp"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask):
-    x = x + self.attn(self.norm1(x), cos, sin, mask)
+  def __call__(self, x, cos, sin, window_segment_ids, full_segment_ids):
+    segments = window_segment_ids if self.windowed else full_segment_ids
+    x = x + self.attn(self.norm1(x), cos, sin, segments)
     return x + self.mlp(self.norm2(x))
 
 
@@ -86,7 +97,8 @@ class VisionTransformer(nnx.Module):
     self.config = config
     self.remat = remat
     self.patch_embed = PatchEmbed(config, dtype, rngs)
-    self.blocks = nnx.List([VisionBlock(config, dtype, rngs) for _ in range(config.depth)])
+    self.blocks = nnx.List([VisionBlock(config, dtype, rngs, windowed=i not in config.fullatt_block_indexes)
+                            for i in range(config.depth)])
     self.merger = PatchMerger(config, dtype, rngs)
 
   def rope(self, rope_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -109,10 +121,7 @@ class VisionTransformer(nnx.Module):
     p, c = x.shape
     x = x.reshape(p // unit, unit, c)[window_index].reshape(p, c)
     cos, sin = self.rope(rope_ids)
-    window_mask = window_segment_ids[:, None] == window_segment_ids[None, :]
-    full_mask = full_segment_ids[:, None] == full_segment_ids[None, :]
     block_fn = nnx.remat(VisionBlock.__call__) if self.remat else VisionBlock.__call__
-    for i, block in enumerate(self.blocks):
-      mask = full_mask if i in self.config.fullatt_block_indexes else window_mask
-      x = block_fn(block, x, cos, sin, mask)
+    for block in self.blocks:
+      x = block_fn(block, x, cos, sin, window_segment_ids, full_segment_ids)
     return self.merger(x)[reverse_index]
