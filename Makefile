@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup test test-all train sft compare sweep-noise bench bench-forward bench-processing clean
+.PHONY: setup test test-all train sft compare sweep-noise bench bench-forward bench-generate bench-train bench-processing bench-gpu clean
 
 setup: $(STAMP)
 
@@ -48,12 +48,22 @@ sweep-noise: $(STAMP)
 	done
 
 bench-forward: $(STAMP)
-	$(PY) experiments/bench/bench_forward.py $(ARGS)
+	$(PY) experiments/bench/bench_forward.py --markdown BENCHMARKS.md $(ARGS)
+
+bench-generate: $(STAMP)
+	$(PY) experiments/bench/bench_generate.py --markdown BENCHMARKS.md $(ARGS)
+
+bench-train: $(STAMP)
+	$(PY) experiments/bench/bench_train.py --markdown BENCHMARKS.md $(ARGS)
 
 bench-processing: $(STAMP)
 	$(PY) experiments/bench/bench_processing.py $(ARGS)
 
-bench: bench-forward bench-processing
+# Full Qwen2.5-VL-3B shape, random bf16 weights, on one GPU: decode tokens/s and % of the HBM roofline.
+bench-gpu: $(STAMP)
+	$(PY) experiments/bench/bench_generate.py --gpu $(ARGS)
+
+bench: bench-forward bench-generate bench-train bench-processing
 
 clean:
 	rm -rf $(VENV)
