@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, Stopwatch, load_average, machine, slice_3b, stats,  # noqa: E402
+from common import (REPO, Stopwatch, load_average, machine, slice_3b, stats, timed,  # noqa: E402
                     write_markdown)
 
 import jax  # noqa: E402
@@ -162,14 +162,7 @@ def matmul_floor(config, batch: int, repeats: int = 5) -> dict[str, float]:
   t_args = (torch.from_numpy(x), [[as_linear(w) for w in ws] for ws in layers], as_linear(head))
   jitted(*j_args).block_until_ready()
 
-  def best(fn):
-    fn()
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    return min(times)
+  best = lambda fn: min(timed({"fn": fn}, warmup=1, repeats=repeats)["fn"]["wall"])
 
   with torch.no_grad():
     torch_s = best(lambda: chain(*t_args, torch.nn.functional.linear))
@@ -193,17 +186,9 @@ def prefill_parts(ours: OursGenerate, hf_model, hf_inputs: dict, repeats: int = 
     with torch.no_grad():
       hf_model.model.visual(hf_inputs["pixel_values"], grid_thw=grid)
 
-  out = {}
-  for name, fn in (("ours_vision_s", lambda: jax.block_until_ready(vision(ours.state, ours.prompts.vision))),
-                   ("hf_vision_s", hf_vision)):
-    fn()
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    out[name] = statistics.median(times)
-  return out
+  times = timed({"ours_vision_s": lambda: jax.block_until_ready(vision(ours.state, ours.prompts.vision)),
+                 "hf_vision_s": hf_vision}, warmup=1, repeats=repeats)
+  return {name: statistics.median(t["wall"]) for name, t in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ are compared. Ours' model FLOPs come from XLA's cost analysis of the compiled st
 machine's float32 matmul rate measured in the same run (a large jitted jnp.dot).
 
   python experiments/bench/bench_train.py [--parts rl,step] [--rl-steps 8] [--models tiny,3b_slice]
-                                          [--repeats 5] [--slice-repeats 3] [--markdown BENCHMARKS.md]
+                                          [--repeats 5] [--slice-repeats 5] [--markdown BENCHMARKS.md]
 """
 
 from __future__ import annotations
@@ -208,7 +208,6 @@ def with_threads(threads: int, fn):
 
 def bench_step(name: str, warmup: int, repeats: int, freeze_vision: bool, torch_attn: str,
                extra_threads: list[int]) -> dict:
-  import torch
   from flax import nnx
   from noisygrpo_jax.training import optimizer as opt_lib
   from noisygrpo_jax.training import train_step as ts
@@ -347,7 +346,7 @@ def main():
                       help="untimed steps per implementation (tiny); torch's first few steps are slow")
   parser.add_argument("--slice-warmup", type=int, default=1, help="untimed steps per implementation (3b_slice)")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps per implementation (tiny)")
-  parser.add_argument("--slice-repeats", type=int, default=3, help="timed steps per implementation (3b_slice)")
+  parser.add_argument("--slice-repeats", type=int, default=5, help="timed steps per implementation (3b_slice)")
   parser.add_argument("--train-vision", action="store_true", help="train the vision tower too (default frozen)")
   parser.add_argument("--torch-attn", default="sdpa", help="transformers attention implementation")
   parser.add_argument("--extra-torch-threads", default="1",
@@ -397,7 +396,7 @@ def main():
                "GFLOP/s (the higher is used as the peak)",
                "- weights: random (tests/models/hf_reference.py `hf_model`), copied into ours with `ours_from_hf`; per "
                "row one image + text, left-padded, then a random completion with per-row lengths "
-               f"(completion mask 100/87/75/62%); image tokens per row: "
+               "(completion mask 100/87/75/62%); image tokens per row: "
                + ", ".join(f"{r['name']} {r['image_tokens']}" for r in results),
                f"- GRPO loss: beta {BETA}, k3 KL against fixed reference log-probs, clip 0.2, "
                f"sequence_mean_token_mean; AdamW lr {LEARNING_RATE} constant, betas (0.9, 0.999), eps 1e-8, no "
