@@ -28,6 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.jsonl = ""  # local_vqa: the JSONL file (fields image, problem, solution)
   c.data.image_root = ""  # local_vqa: folder the image paths are relative to
   c.data.skip_bad_rows = False  # local_vqa: skip (and count) malformed rows instead of failing
+  c.data.seed = 42  # shapes_vqa: generator seed, fixed across RL seeds so runs share data and warm start
   c.data.image_size = 112  # shapes_vqa: image side in pixels
   c.data.train_size = 2000  # shapes_vqa: training examples
   c.data.eval_size = 200  # shapes_vqa: examples per evaluation split

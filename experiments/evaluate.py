@@ -22,19 +22,19 @@ FLAGS = flags.FLAGS
 
 
 def run(config):
-  run = loops.Run(config, "eval")  # restores the latest checkpoint of train.workdir
+  trained = loops.Run(config, "eval")  # restores the latest checkpoint of train.workdir
   if FLAGS.benchmark:
     examples = {"mmstar": lambda: benchmark_loaders.load_mmstar(FLAGS.path),
                 "pope": lambda: benchmark_loaders.load_pope(FLAGS.path, FLAGS.image_root),
                 "amber": lambda: benchmark_loaders.load_amber(FLAGS.path, FLAGS.annotations, FLAGS.image_root)}
-    params = setup.sampling_params(config, run.tokenizer, greedy=True)
+    params = setup.sampling_params(config, trained.tokenizer, greedy=True)
     results = {f"eval/{FLAGS.benchmark}/{k}": v for k, v in evaluate.evaluate_split(
-        run.model(), run.tokenizer, examples[FLAGS.benchmark](), params, setup.image_config(config)).items()}
+        trained.model(), trained.tokenizer, examples[FLAGS.benchmark](), params, setup.image_config(config)).items()}
   else:
-    results = run.evaluate(FLAGS.splits)
-  print(json.dumps({"step": run.step, **results}, indent=2))
-  with open(os.path.join(config.train.workdir, f"eval_step{run.step}.json"), "w") as f:
-    json.dump({"step": run.step, **results}, f, indent=2)
+    results = trained.evaluate(FLAGS.splits)
+  print(json.dumps({"step": trained.step, **results}, indent=2))
+  with open(os.path.join(config.train.workdir, f"eval_step{trained.step}.json"), "w") as f:
+    json.dump({"step": trained.step, **results}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ class Run:
 
   def __init__(self, config, kind: str):
     setup.validate(config)
-    self.config, self.kind = config, kind
+    self.config = config
     self.workdir = config.train.workdir
     os.makedirs(self.workdir, exist_ok=True)
     with open(os.path.join(self.workdir, "config.json"), "w") as f:

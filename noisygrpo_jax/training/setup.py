@@ -58,7 +58,7 @@ def data_dir(config) -> str:
 def dataset_kwargs(config) -> dict:
   d = config.data
   if d.name == "shapes_vqa":
-    return dict(image_size=d.image_size, seed=config.train.seed, train_size=d.train_size, test_size=d.eval_size,
+    return dict(image_size=d.image_size, seed=d.seed, train_size=d.train_size, test_size=d.eval_size,
                 ood_size=d.eval_size, hallucination_size=d.eval_size, robustness_size=d.eval_size)
   if d.name == "local_vqa":
     if not d.jsonl:
