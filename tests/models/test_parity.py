@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 import transformers.vision_utils as hf_vision_utils
 
 from noisygrpo_jax.models.qwen2_5_vl import config as cfg
@@ -76,6 +77,23 @@ def test_logits_video(models):
 
 def test_vision_tower_matches_hf(models):
   hf, ours = models
+  rng = np.random.default_rng(6)
+  grids = [(1, 8, 12), (1, 6, 10), (2, 4, 8)]
+  pv = ref.pixels(rng, grids, CONFIG)
+  with torch.no_grad():
+    expected = hf.model.visual(torch.tensor(pv), grid_thw=torch.tensor(grids)).pooler_output.numpy()
+  chunks = np.split(pv, np.cumsum([np.prod(g) for g in grids])[:-1])
+  batch = host.pack_vision_batch([(chunks, grids)], CONFIG.vision, num_patches=pv.shape[0] + 12)
+  got = np.asarray(ours.vision_features(batch))[0, :expected.shape[0]]
+  assert np.abs(expected - got).max() <= 1e-5
+
+
+def test_vision_tower_with_chunked_full_attention_matches_hf(models):
+  """Full-attention blocks in query chunks of 16 (232 patches: 14.5 chunks) give HF's result too."""
+  hf, ours = models
+  ours = nnx.clone(ours)
+  for block in ours.visual.blocks:
+    block.attn.query_chunk = 16
   rng = np.random.default_rng(6)
   grids = [(1, 8, 12), (1, 6, 10), (2, 4, 8)]
   pv = ref.pixels(rng, grids, CONFIG)

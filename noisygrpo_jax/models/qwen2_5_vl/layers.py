@@ -7,6 +7,8 @@ Every parameter carries logical axis names (see `noisygrpo_jax.sharding`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -115,3 +117,72 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   mask = q_seg[:, :, None] == k_seg[:, None, :]
   out = attention(q_blocks, key_windows(k, 0), key_windows(v, 0), mask)
   return out.reshape(n * block, h, d)[:p]
+
+
+def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                      query_chunk: int) -> jax.Array:
+  """Non-causal attention within segments of any length (a query sees the keys of its segment).
+
+  Up to `query_chunk` positions this is the dense [H, P, P] computation; beyond, `chunked_segment_attention`
+  bounds the scores to [H, query_chunk, P]. Both give the same result.
+
+  Args:
+    q, k, v: [P, H, D]; segment_ids: int [P]; query_chunk: static.
+  Returns:
+    [P, H, D] in q's dtype.
+  """
+  if q.shape[0] <= query_chunk:
+    mask = segment_ids[:, None] == segment_ids[None, :]
+    return attention(q[None], k[None], v[None], mask[None])[0]
+  return chunked_segment_attention(q, k, v, segment_ids, query_chunk)
+
+
+def chunked_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+                              chunk: int) -> jax.Array:
+  """Exact segment attention, one block of `chunk` queries at a time against all P keys.
+
+  Peak score memory is float32 [H, chunk, P] instead of [H, P, P]. Each block is checkpointed, so the
+  backward keeps only the query blocks (k and v are loop-invariant) and recomputes one block's scores at a
+  time, with or without an enclosing remat.
+
+  Args:
+    q, k, v: [P, H, D]; segment_ids: int [P]; chunk: static query block size.
+  Returns:
+    [P, H, D] in q's dtype.
+  """
+  p, h, d = q.shape
+  n = -(-p // chunk)
+  tail = n * chunk - p
+  q_blocks = jnp.pad(q, ((0, tail), (0, 0), (0, 0))).reshape(n, chunk, h, d)
+  # Padding queries (segment -1) see no key: a uniform softmax, sliced off below.
+  q_seg = jnp.pad(segment_ids, (0, tail), constant_values=-1).reshape(n, chunk)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def block(inputs):
+    q_block, seg_block = inputs
+    mask = seg_block[:, None] == segment_ids[None, :]
+    return attention(q_block[None], k[None], v[None], mask[None])[0]
+
+  return jax.lax.map(block, (q_blocks, q_seg)).reshape(n * chunk, h, d)[:p]
+
+
+def remat_call(module: nnx.Module, *args, policy=jax.checkpoint_policies.nothing_saveable):
+  """`module(*args)` with its activations recomputed in the backward pass (jax.checkpoint).
+
+  The checkpointed function is pure in the module's split state and returns nothing but its outputs, so it
+  composes with any enclosing transform. (`nnx.remat` writes the state back into the module's Variables,
+  which raises TraceContextError when they were created at an outer trace level, e.g. for the vision tower
+  under `jax.vmap`.) With `nothing_saveable` the backward keeps only the arguments: the layer's inputs and
+  parameters. XLA:CPU's default concurrency-optimised scheduler moves the recomputation back into the forward
+  pass, so on CPU the saving needs `--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`.
+
+  Args:
+    module: a stateless-in-the-forward module (no Variable is updated by its call).
+    *args: its call arguments (pytrees of arrays or None).
+  """
+  graphdef, state = nnx.split(module)
+
+  def pure(state, args):
+    return nnx.merge(graphdef, state)(*args)
+
+  return jax.checkpoint(pure, policy=policy)(state, args)

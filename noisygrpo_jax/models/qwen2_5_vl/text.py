@@ -9,7 +9,8 @@ import numpy as np
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl.config import TextConfig
-from noisygrpo_jax.models.qwen2_5_vl.layers import Linear, RMSNorm, SwiGLU, apply_rope, attention, param
+from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, attention, param,
+                                                    remat_call)
 
 
 @flax.struct.dataclass
@@ -102,11 +103,13 @@ class TextModel(nnx.Module):
     Returns (final normed hidden states [B, T, D], updated caches or None).
     """
     cos, sin = mrope(position_ids, self.config)
-    layer_fn = nnx.remat(DecoderLayer.__call__) if self.remat else DecoderLayer.__call__
+    # Remat only matters under differentiation; cached decoding (the sampler) is never differentiated.
+    remat = self.remat and caches is None
     new_caches = []
     x = embeds
     for i, layer in enumerate(self.layers):
-      x, cache = layer_fn(layer, x, cos, sin, mask, None if caches is None else caches[i], cache_index)
+      args = (x, cos, sin, mask, None if caches is None else caches[i], cache_index)
+      x, cache = remat_call(layer, *args) if remat else layer(*args)
       new_caches.append(cache)
     return self.norm(x), (new_caches if caches is not None else None)
 

@@ -3,7 +3,8 @@
 Runs on one `VisionBatch` row at a time (vmapped over the batch by the caller), so images are sharded
 with the batch rows they belong to. Window and full attention are block-diagonal masks built from
 the host-computed segment ids (windowed blocks only look at a 3-window neighbourhood of each query
-block, since windows are contiguous in window order); padding patches form their own segment.
+block, since windows are contiguous in window order; full-attention blocks of long rows process the
+queries in chunks against all keys); padding patches form their own segment.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl.config import VisionConfig
-from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, attention,
-                                                    local_attention)
+from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, local_attention,
+                                                    remat_call, segment_attention)
+
+# Full-attention blocks attend over all P patches of a row; beyond this many patches the queries are
+# processed in blocks of this size so the float32 scores stay [heads, 1024, P] (dense: [heads, P, P],
+# 17 GB for the 3B tower at P = 16384).
+FULL_ATTENTION_QUERY_CHUNK = 1024
 
 
 class PatchEmbed(nnx.Module):
@@ -38,6 +44,7 @@ class VisionAttention(nnx.Module):
     self.num_heads = config.num_heads
     # Windowed blocks attend locally: a window holds at most merger_window^2 merged tokens.
     self.window_block = config.merger_window**2 * config.merge_unit if windowed else None
+    self.query_chunk = FULL_ATTENTION_QUERY_CHUNK
     self.qkv = Linear(dim, 3 * dim, bias=True, names=("vision_embed", "qkv"), dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, bias=True, names=("qkv", "vision_embed"), dtype=dtype, rngs=rngs)
 
@@ -47,8 +54,7 @@ class VisionAttention(nnx.Module):
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, c // self.num_heads), 1, 0)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if self.window_block is None:
-      mask = segment_ids[:, None] == segment_ids[None, :]
-      out = attention(q[None], k[None], v[None], mask[None])[0]
+      out = segment_attention(q, k, v, segment_ids, self.query_chunk)
     else:
       out = local_attention(q, k, v, segment_ids, self.window_block)
     return self.proj(out.reshape(p, c))
@@ -121,7 +127,7 @@ class VisionTransformer(nnx.Module):
     p, c = x.shape
     x = x.reshape(p // unit, unit, c)[window_index].reshape(p, c)
     cos, sin = self.rope(rope_ids)
-    block_fn = nnx.remat(VisionBlock.__call__) if self.remat else VisionBlock.__call__
     for block in self.blocks:
-      x = block_fn(block, x, cos, sin, window_segment_ids, full_segment_ids)
+      args = (x, cos, sin, window_segment_ids, full_segment_ids)
+      x = remat_call(block, *args) if self.remat else block(*args)
     return self.merger(x)[reverse_index]
