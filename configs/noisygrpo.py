@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_pixels = 56 * 56  # processor: smallest image area after resizing
   c.data.max_pixels = 1536 * 1536  # processor: largest image area after resizing (the original's)
   c.data.max_prompt_tokens = 0  # prompt length budget in tokens; 0 = no limit (the original's)
+  c.data.truncate_prompts = False  # over-budget prompts: False raises naming the example; True cuts the question
   c.data.prompt_buckets = (64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one compile each)
   c.data.patch_buckets = (64, 256, 1024, 4096, 16384)  # padded patches per rollout image
 
@@ -86,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 3  # checkpoints kept on disk
   c.train.max_consecutive_skips = 5  # stop with an error after this many updates skipped for non-finite values
   c.train.init_from = ""  # a checkpoint directory of our own (e.g. the SFT warm start) to start from
+  c.train.memory_check = True  # refuse to build a model whose estimated memory exceeds the device's (False: warn only)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel axis size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import logging
 import operator
 import os
 from typing import Any
@@ -11,6 +12,8 @@ from noisygrpo_jax.data.local_vqa import LocalVqa
 from noisygrpo_jax.data.shapes_vqa import ShapesVqa
 
 BUILDERS = {"shapes_vqa": ShapesVqa, "local_vqa": LocalVqa}
+
+logger = logging.getLogger(__name__)
 
 
 def _decode(example: dict[str, Any]) -> dict[str, Any]:
@@ -62,4 +65,9 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike, **config) -> 
   builder = prepare_builder(name, data_dir, **config)
   if split not in builder.info.splits:
     raise ValueError(f"dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
-  return NumpyExamples(builder.as_data_source(split=split))
+  source = builder.as_data_source(split=split)
+  skipped = (builder.info.metadata or {}).get("skipped_rows", {}).get(split, 0)
+  if skipped:  # also on later runs, which read the prepared copy without meeting the bad rows again
+    logger.warning("%s split %r: %d bad rows were skipped when the dataset was prepared (skip_bad_rows=True); "
+                   "%d examples remain", name, split, skipped, len(source))
+  return NumpyExamples(source)

@@ -217,7 +217,8 @@ def iter_jsonl_vqa(path: str | os.PathLike, image_root: str | os.PathLike | None
     except DataError as e:
       if not skip_bad_rows:
         raise DataError(e.path, e.line, e.problem,
-                        e.fix + " (or pass skip_bad_rows=True to skip and count bad rows)", e.unit) from e
+                        e.fix + " (or skip and count bad rows: skip_bad_rows=True, in a run config "
+                        "data.skip_bad_rows=True)", e.unit) from e
       skipped += 1
       if skipped <= MAX_LOGGED_SKIPS:
         logger.warning("skipping bad row: %s", e)

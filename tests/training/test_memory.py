@@ -1,0 +1,112 @@
+"""The per-device memory estimate: exact parameter, optimizer and KV-cache terms, sharding, and the refusal."""
+
+import dataclasses
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from noisygrpo_jax import sharding
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config
+from noisygrpo_jax.sampling import sampler
+from noisygrpo_jax.training import memory, optimizer as optimizer_lib, setup
+from tests.models import hf_reference as ref
+from tests.training import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
+RUN = memory.RunShape(rows=8, prompt_len=64, max_new_tokens=16, patches=64)
+
+
+def _run_config(preset):
+  spec = importlib.util.spec_from_file_location("noisygrpo_config", os.path.join(ROOT, "configs", "noisygrpo.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if np.ndim(x))
+
+
+def _abstract_params(config):
+  return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(0)))))
+
+
+@pytest.mark.parametrize("config", [
+    model_config.tiny(), model_config.small(), model_config.small(dtype="bfloat16"),
+    model_config.tiny().replace(text=dataclasses.replace(model_config.tiny().text, tie_word_embeddings=True)),
+], ids=["tiny", "small", "small_bf16", "tiny_tied"])
+def test_param_and_optimizer_bytes_equal_the_model_state(config):
+  params = _abstract_params(config)
+  for freeze_vision in (True, False):
+    est = memory.estimate(config, memory.RunShape(**{**RUN.__dict__, "freeze_vision": freeze_vision}), ONE_DEVICE)
+    assert est.params == est.reference == _nbytes(params)
+    labels = optimizer_lib.parameter_labels(params, freeze_vision)
+    opt_state = jax.eval_shape(optimizer_lib.make_optimizer(labels, learning_rate=1e-3, total_steps=10).init, params)
+    assert est.optimizer == _nbytes(opt_state)  # two moments of the trainable parameters, none for frozen ones
+
+
+def test_kv_cache_equals_the_samplers_allocation():
+  model = Qwen25VL(helpers.CONFIG, nnx.Rngs(0))
+  rng, grids = np.random.default_rng(0), [(1, 4, 4), (1, 4, 6), (1, 4, 4)]
+  ids, mask = ref.left_pad([ref.prompt(helpers.CONFIG, rng, [("image", g)], (2, 6)) for g in grids])
+  prompts = sampler.prompts_from_hf(model, ids, mask, pixel_values=ref.pixels(rng, grids, helpers.CONFIG),
+                                    image_grid_thw=np.array(grids))
+  params = sampler.SamplingParams(max_new_tokens=9, eos_ids=(0,), pad_id=0)
+  graphdef, state = nnx.split(model)
+  decode_state = jax.eval_shape(sampler.prefill, graphdef, state, prompts, jax.random.key(0), params)
+  run = memory.RunShape(rows=3, prompt_len=prompts.input_ids.shape[1], max_new_tokens=9, patches=64)
+  assert memory.estimate(model.config, run, ONE_DEVICE).kv_cache == _nbytes(decode_state.caches)
+
+
+def test_fsdp_divides_params_and_data_axes_divide_rows():
+  config = model_config.small()
+  one = memory.estimate(config, RUN, ONE_DEVICE)
+  four = memory.estimate(config, RUN, {"data": 1, "fsdp": 4, "tensor": 1})
+  assert four.params == -(-one.params // 4) and four.optimizer == 2 * -(-one.optimizer // 2 // 4)
+  assert four.kv_cache == one.kv_cache // 4  # 8 rollouts -> 2 per device
+  assert memory.estimate(config, RUN, {"data": 2, "fsdp": 1, "tensor": 1}).params == one.params
+  assert memory.estimate(config, RUN, {"data": 1, "fsdp": 2, "tensor": 2}).params == four.params
+
+
+def test_remat_and_micro_batches_shrink_activations():
+  config = model_config.small()
+  base = memory.estimate(config, RUN, ONE_DEVICE)
+  assert memory.estimate(config.replace(remat=True), RUN, ONE_DEVICE).train_activations < base.train_activations
+  halves = memory.estimate(config, memory.RunShape(**{**RUN.__dict__, "micro_batches": 2}), ONE_DEVICE)
+  assert halves.train_activations < base.train_activations and halves.gradients == 2 * base.gradients
+
+
+def test_7b_at_batch_64_on_one_8gb_device_is_refused_before_allocating(monkeypatch, capsys):
+  config = _run_config("qwen2_5_vl_7b")
+  assert config.train.prompts_per_step * config.rl.group_size == 64
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: (8 * 10**9, "test: 8 GB"))
+  mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+  with pytest.raises(memory.MemoryBudgetError) as info:
+    setup.build_model(config, None, mesh)  # a 7B random init would take minutes and ~15 GiB: refused first
+  message = str(info.value)
+  assert message.startswith("the estimated peak memory per device, ")
+  assert "exceeds the 7.45 GiB available (test: 8 GB) by " in message and "largest terms: " in message
+  for fix in ("train.prompts_per_step", "rl.max_new_tokens", "mesh.fsdp", "train.micro_batches",
+              "train.memory_check=False"):
+    assert fix in message, message
+  table = capsys.readouterr().out
+  assert "Memory estimate per device (mesh data=1 fsdp=1 tensor=1):" in table and "rollout KV cache" in table
+  config.model.remat, config.model.dtype = False, "float32"
+  with pytest.raises(memory.MemoryBudgetError, match="set model.remat=True.*model.dtype='bfloat16'"):
+    setup.check_memory(config, setup.model_config(config, None), ONE_DEVICE)
+  config.train.memory_check = False  # the override: warn and go on
+  est = setup.check_memory(config, setup.model_config(config, None), ONE_DEVICE)
+  assert est.peak > 8 * 10**9 and "WARNING (train.memory_check=False)" in capsys.readouterr().out
+
+
+def test_tiny_run_fits_this_machine():
+  config = _run_config("tiny")
+  limit, source = memory.device_memory_bytes()
+  assert limit > 0 and source
+  est = setup.check_memory(config, setup.model_config(config, list(range(512))), ONE_DEVICE)
+  assert 0 < est.peak < limit
