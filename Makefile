@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup test test-all train sft compare sweep-noise bench bench-forward bench-generate bench-train bench-processing bench-gpu clean
+.PHONY: setup test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-gpu clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): requirements.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Fault injection: SIGKILL at random moments, disk full, foreign checkpoints, 2-process training (~5 min CPU).
+test-reliability: $(STAMP)
+	$(PY) -m pytest -q -m reliability tests/reliability $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
@@ -47,23 +51,43 @@ sweep-noise: $(STAMP)
 	    --config.rl.noise.levels="$$levels" --config.train.workdir="workdir/sweep_noise/$$levels" $(ARGS) || exit 1; \
 	done
 
+# Where the bench targets write their sections (e.g. BENCH_MD=/tmp/bench.md for a trial run).
+BENCH_MD ?= BENCHMARKS.md
+
 bench-forward: $(STAMP)
-	$(PY) experiments/bench/bench_forward.py --markdown BENCHMARKS.md $(ARGS)
+	$(PY) experiments/bench/bench_forward.py --markdown $(BENCH_MD) $(ARGS)
 
 bench-generate: $(STAMP)
-	$(PY) experiments/bench/bench_generate.py --markdown BENCHMARKS.md $(ARGS)
+	$(PY) experiments/bench/bench_generate.py --markdown $(BENCH_MD) $(ARGS)
 
 bench-train: $(STAMP)
-	$(PY) experiments/bench/bench_train.py --markdown BENCHMARKS.md $(ARGS)
+	$(PY) experiments/bench/bench_train.py --markdown $(BENCH_MD) $(ARGS)
 
 bench-processing: $(STAMP)
-	$(PY) experiments/bench/bench_processing.py $(ARGS)
+	$(PY) experiments/bench/bench_processing.py --markdown $(BENCH_MD) $(ARGS)
 
-# Full Qwen2.5-VL-3B shape, random bf16 weights, on one GPU: decode tokens/s and % of the HBM roofline.
+# The benchmark-only extras (TRL for bench-e2e) on top of requirements.txt; they change none of its pins.
+BENCH_STAMP := $(VENV)/.bench-installed
+bench-setup: $(BENCH_STAMP)
+
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+# One RL step end to end (generation, reward, reference log-probs, update): ours vs TRL's GRPOTrainer.
+bench-e2e: $(BENCH_STAMP)
+	$(PY) experiments/bench/bench_e2e.py --markdown $(BENCH_MD) $(ARGS)
+
+# Full Qwen2.5-VL-3B shape, random bf16 weights, on one GPU: decode tokens/s and % of the HBM roofline, then
+# the train step's MFU with remat at the largest batch that fits. ARGS=--smoke runs the same paths on CPU.
 bench-gpu: $(STAMP)
 	$(PY) experiments/bench/bench_generate.py --gpu $(ARGS)
 
-bench: bench-forward bench-generate bench-train bench-processing
+# Every CPU benchmark (forward, generate, train step, end-to-end RL step vs TRL, processing) and a summary
+# table, all written into BENCHMARKS.md. QUICK=1: fewer repeats (a loaded machine, a smoke run).
+QUICK ?=
+bench: $(BENCH_STAMP)
+	$(PY) experiments/bench/bench_all.py --markdown $(BENCH_MD) $(if $(QUICK),--quick) $(ARGS)
 
 clean:
 	rm -rf $(VENV)

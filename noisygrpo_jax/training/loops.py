@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging
 from flax import nnx
 
 from noisygrpo_jax.evaluation import evaluate
@@ -37,6 +39,21 @@ class DataOrder:
       epoch, offset = divmod(p, self.size)
       out.append(int(np.random.default_rng([self.seed, epoch]).permutation(self.size)[offset]))
     return out
+
+
+def place_batch(batch, shardings):
+  """Puts a host batch (numpy leaves, the same on every process) onto the mesh, single- or multi-process.
+
+  Each process fills only its addressable shards from its own copy; device arrays (e.g. reference log-probs
+  already on the mesh) are resharded.
+  """
+  def put(x, s):
+    if isinstance(x, jax.Array):
+      return jax.device_put(x, s)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
+  return jax.tree.map(put, batch, shardings)
 
 
 def _abstract(state, shardings):
@@ -63,31 +80,52 @@ class Run:
     self.checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                                    keep=config.train.keep_checkpoints)
     self.state = self.setup.state
-    self.step, self.data_position = 0, 0
+    self.step, self.data_position, self.consecutive_skips = 0, 0, 0
+    self.init_from_step = None  # the train.init_from checkpoint step this run started from
     latest = self.checkpointer.latest_step()
     if latest is not None:
-      self.state, meta = self.checkpointer.restore(latest, _abstract(self.state, self.setup.state_shardings))
-      self.step, self.data_position = int(meta["step"]), int(meta["data_position"])
-    elif config.train.init_from:
-      self.state = self.state.replace(params=self._params_from(config.train.init_from))
-      initial_params = self.state.params
+      self._resume(latest)
+    needs_reference = kind == "rl" and bool(config.rl.beta)
+    # A resumed run's reference model is still the warm start it began from, not the random initialisation.
+    if config.train.init_from and (latest is None or needs_reference):
+      initial_params = self._params_from(config.train.init_from, self.init_from_step)
+      if latest is None:
+        self.state = self.state.replace(params=initial_params)
     # The state is donated to each update, so the reference model must not share its buffers.
-    self.reference_params = (jax.tree.map(jnp.copy, initial_params) if kind == "rl" and config.rl.beta
-                             else None)
+    self.reference_params = jax.tree.map(jnp.copy, initial_params) if needs_reference else None
     self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, resume_step=self.step)
     self.order = DataOrder(len(self.train_examples), config.train.seed)
     self.key = jax.random.key(config.train.seed)
     self._jitted_step = None
-    self.consecutive_skips = 0
 
-  def _params_from(self, directory: str):
-    """Parameters of the newest checkpoint of another run of ours (e.g. the SFT warm start)."""
-    source = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False)
-    step = source.latest_step()
-    if step is None:
+  def _resume(self, step: int) -> None:
+    """Restores state, data position, skip count and warm-start step from this run's checkpoint `step`."""
+    fix = (f"use a new train.workdir, or rerun with the model configuration that wrote the checkpoints in "
+           f"train.workdir={self.workdir!r}")
+    self.state, meta = self.checkpointer.restore(step, _abstract(self.state, self.setup.state_shardings), fix=fix)
+    self.step, self.data_position = int(meta["step"]), int(meta["data_position"])
+    self.consecutive_skips = int(meta.get("consecutive_skips", 0))
+    self.init_from_step = meta.get("init_from_step")
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(f"resumed from step {self.step} of {self.checkpointer.directory}", file=sys.stderr)
+
+  def _params_from(self, directory: str, step: int | None = None):
+    """Parameters of checkpoint `step` (default: the newest) of another run of ours (e.g. the SFT warm start)."""
+    source = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False, cleanup=False)
+    latest = source.latest_step()
+    if latest is None:
       raise FileNotFoundError(f"train.init_from={directory!r} has no checkpoints/ with a complete step; run the "
                               "warm start first or fix the path")
-    state, _ = source.restore(step, _abstract(self.setup.state, self.setup.state_shardings))
+    if step not in source.manager.all_steps():
+      if step is not None:
+        logging.warning("train.init_from=%r no longer holds step %d that this run started from; its reference "
+                        "model is now step %d", directory, step, latest)
+      step = latest
+    self.init_from_step = step
+    fix = (f"point train.init_from at a run of this model (same model.preset and tokenizer vocabulary), or "
+           f"change the model configuration to the one {directory!r} was trained with")
+    state, _ = source.restore(step, _abstract(self.setup.state, self.setup.state_shardings), fix=fix)
+    source.close()
     return state.params
 
   def model(self):
@@ -105,7 +143,7 @@ class Run:
       step_fn = train_step.make_train_step(self.setup.graphdef, self.setup.optimizer, self.setup.frozen, loss_cfg,
                                            self.config.train.micro_batches)
       self._jitted_step = train_step.jit_train_step(step_fn, self.setup.state_shardings, batch_sh, self.mesh)
-    batch = jax.device_put(batch, batch_sh)
+    batch = place_batch(batch, batch_sh)
     skipped = 0
     for _ in range(iterations):
       self.state, metrics = self._jitted_step(self.state, batch)
@@ -119,7 +157,9 @@ class Run:
     return {**{k: float(v) for k, v in metrics.items()}, "skipped": float(skipped)}
 
   def save(self) -> None:
-    self.checkpointer.save(self.step, self.state, {"step": self.step, "data_position": self.data_position})
+    self.checkpointer.save(self.step, self.state, {"step": self.step, "data_position": self.data_position,
+                                                   "consecutive_skips": self.consecutive_skips,
+                                                   "init_from_step": self.init_from_step})
 
   def evaluate(self, splits) -> dict[str, float]:
     results = {}

@@ -20,9 +20,9 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self.path):
-      kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
-      with open(self.path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+      # A run killed mid-append leaves a partial last line; it belongs to a step after the checkpoint.
+      kept = [r for r in read_jsonl(self.path, partial_last_line=True) if r["step"] <= resume_step]
+      _atomic_write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
     self.jsonl = open(self.path, "a", encoding="utf-8")
     self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -44,6 +44,23 @@ class MetricsWriter:
       self.tensorboard.close()
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, partial_last_line: bool = False) -> list[dict]:
+  """The records of a JSONL file; `partial_last_line`: drop an unparsable last line (an interrupted write)."""
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f if line.strip()]
+  if partial_last_line and lines:
+    try:
+      json.loads(lines[-1])
+    except json.JSONDecodeError:
+      lines.pop()
+  return [json.loads(line) for line in lines]
+
+
+def _atomic_write_lines(path: str, lines: list[str]) -> None:
+  """Writes a sibling file and renames it over `path`, so a kill leaves the old or the new file, never half."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(lines)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
