@@ -8,6 +8,7 @@ Every RL run starts from the same cached SFT warm start (<root>/sft) and is budg
 """
 
 import os
+import shutil
 import sys
 import time
 
@@ -60,23 +61,35 @@ def main(argv):
     warm.train.eval_every = 0
   loops.run_sft(warm)  # resumes, so a finished warm start is reused as is
 
-  runs, finals = {}, {}
+  runs, finals, before = {}, {}, {}
   for method in FLAGS.methods:
     for seed in map(int, FLAGS.seeds):
       workdir = os.path.join(FLAGS.root, f"{method}_seed{seed}")
       config = rl_config(method, seed, workdir, warm.train.workdir)
       loops.run_rl(config)
       records = report.load_run(workdir)
-      runs[f"{method} seed {seed}"] = records
+      runs.setdefault(method, []).append(records)
       finals.setdefault(method, []).append(report.eval_at(records, config.train.steps))
-      before = report.eval_at(records, 0)
-  plot = report.plot_runs(runs, os.path.join(out, "curves.png"), EVAL_SPLITS)
+      before = report.eval_at(records, 0)  # greedy answers of the shared warm start: equal in every run
+      shutil.copy(os.path.join(workdir, "metrics.jsonl"), os.path.join(out, f"{method}_seed{seed}_metrics.jsonl"))
+  shutil.copy(os.path.join(warm.train.workdir, "metrics.jsonl"), os.path.join(out, "sft_metrics.jsonl"))
+  curves = report.plot_runs(runs, os.path.join(out, "curves.png"), EVAL_SPLITS)
+  exploration = report.plot_exploration(runs, os.path.join(out, "exploration.png"))
   minutes = (time.time() - start) / 60
+  table = {"warm start (SFT)": [before], **finals}
   lines = [f"# {', '.join(FLAGS.methods)} on shapes_vqa (tiny preset)", "",
-           f"Command: `python {' '.join(sys.argv)}`; wall time {minutes:.1f} min.", "",
-           "Warm start (SFT) vs after RL, last run:", "", report.summary_table(before, finals[method][-1], EVAL_SPLITS),
-           "", "Final accuracy, mean +- std over seeds:", "", report.mean_std_table(finals, EVAL_SPLITS), "",
-           f"Curves: {os.path.basename(plot)}"]
+           f"Command: `python {' '.join(sys.argv)}`; wall time {minutes:.1f} min (the SFT warm start is reused when "
+           "already in the root).", "",
+           f"Greedy accuracy of the SFT warm start and after {config.train.steps} RL steps, mean +- sample std over "
+           f"seeds {', '.join(FLAGS.seeds)} ({len(FLAGS.seeds)} runs per method, one warm start):", "",
+           report.mean_std_table(table, EVAL_SPLITS), "", "Format rate:", "",
+           report.mean_std_table(table, EVAL_SPLITS, key="format_rate"), "", "Yes/no answers that say yes:", "",
+           report.mean_std_table(table, EVAL_SPLITS, key="yes_no_yes_ratio"), "",
+           f"Image reliance on {EVAL_SPLITS[0]} (fraction of answers that change when each example is shown another "
+           "example's image; 0 = the model ignores its images):", "",
+           report.mean_std_table(table, EVAL_SPLITS[:1], key="image_reliance"), "",
+           f"Curves: {os.path.basename(curves)}; exploration (within-group reward std): "
+           f"{os.path.basename(exploration)}; per-run metrics: <method>_seed<seed>_metrics.jsonl."]
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

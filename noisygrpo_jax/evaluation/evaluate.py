@@ -37,8 +37,20 @@ def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], para
   return completions
 
 
-def evaluate_split(model, tokenizer, examples, params, image_config, **kwargs) -> dict[str, float]:
-  """accuracy, format rate, and yes/no metrics (when the split has yes/no questions) of one split."""
+def image_reliance(model, tokenizer, examples, params, image_config, completions: Sequence[str], **kwargs) -> float:
+  """Fraction of `completions` (the examples' answers) that change when every example is shown the next
+  example's image instead of its own: 0 for a model that ignores its images."""
+  if len(examples) < 2:
+    raise ValueError("image_reliance needs at least 2 examples to exchange their images")
+  swapped = [dict(ex, image=examples[(i + 1) % len(examples)]["image"]) for i, ex in enumerate(examples)]
+  other = answer(model, tokenizer, swapped, params, image_config, **kwargs)
+  return float(np.mean([a != b for a, b in zip(completions, other)]))
+
+
+def evaluate_split(model, tokenizer, examples, params, image_config, *, check_images: bool = False,
+                   **kwargs) -> dict[str, float]:
+  """accuracy, format rate, yes/no metrics (when the split has yes/no questions) of one split, and with
+  `check_images` its `image_reliance` (answers a second time with exchanged images)."""
   completions = answer(model, tokenizer, examples, params, image_config, **kwargs)
   solutions = [ex["solution"] for ex in examples]
   types = [ex.get("answer_type", "") for ex in examples]
@@ -49,4 +61,6 @@ def evaluate_split(model, tokenizer, examples, params, image_config, **kwargs) -
     for name, value in metrics_lib.yes_no_metrics([completions[i] for i in yes_no],
                                                   [solutions[i] for i in yes_no]).items():
       result[f"yes_no_{name}"] = value
+  if check_images:
+    result["image_reliance"] = image_reliance(model, tokenizer, examples, params, image_config, completions, **kwargs)
   return result

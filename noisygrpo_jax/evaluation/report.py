@@ -29,27 +29,53 @@ def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
   return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def plot_runs(runs: dict[str, Sequence[dict]], path: str, eval_splits: Sequence[str]) -> str:
-  """One PNG: the training curves of every run, plus eval accuracy per split vs step. runs: label -> records."""
+def mean_curve(seeds: Sequence[Sequence[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Steps, mean, min and max of `key` over the seeds' runs, at the steps every seed logged."""
+  per_seed = [dict(zip(*series(records, key))) for records in seeds]
+  steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+  values = np.array([[s[step] for step in steps] for s in per_seed], np.float64).reshape(len(per_seed), len(steps))
+  return np.array(steps), values.mean(0), values.min(0), values.max(0)
+
+
+def _plot_panel(ax, runs: dict[str, Sequence[Sequence[dict]]], key: str, title: str) -> None:
+  for label, seeds in runs.items():
+    x, mean, low, high = mean_curve(seeds, key)
+    if not len(x):
+      continue
+    if key.startswith("eval/"):
+      ax.plot(x, mean, marker="o", label=label)
+      ax.fill_between(x, low, high, alpha=0.15)
+    else:
+      ax.plot(x[len(x) - len(smooth(mean)):], smooth(mean), label=label)
+  ax.set_title(title)
+  ax.set_xlabel("RL step")
+  ax.grid(alpha=0.3)
+
+
+def plot_runs(runs: dict[str, Sequence[Sequence[dict]]], path: str, eval_splits: Sequence[str]) -> str:
+  """One PNG: training curves and eval accuracy per split vs step. runs: label -> one record list per seed;
+  lines are means over seeds (training curves smoothed over 5 steps; eval bands span min to max)."""
   panels = list(TRAINING_CURVES) + [(f"eval/{s}/accuracy", f"eval accuracy: {s}") for s in eval_splits]
   cols = 3
   rows = math.ceil(len(panels) / cols)
   fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
   for ax, (key, title) in zip(axes.flat, panels):
-    for label, records in runs.items():
-      x, y = series(records, key)
-      if not len(x):
-        continue
-      if key.startswith("eval/"):
-        ax.plot(x, y, marker="o", label=label)
-      else:
-        ax.plot(x[len(x) - len(smooth(y)):], smooth(y), label=label)
-    ax.set_title(title)
-    ax.set_xlabel("RL step")
-    ax.grid(alpha=0.3)
+    _plot_panel(ax, runs, key, title)
   for ax in list(axes.flat)[len(panels):]:
     ax.axis("off")
   axes.flat[0].legend(fontsize=8)
+  return _save(fig, path)
+
+
+def plot_exploration(runs: dict[str, Sequence[Sequence[dict]]], path: str) -> str:
+  """The exploration plot: within-group reward std over training, mean over seeds per method."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  _plot_panel(ax, runs, "reward/group_std", "within-group reward std (exploration), mean over seeds")
+  ax.legend(fontsize=8)
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=100)
@@ -66,24 +92,21 @@ def eval_at(records: Sequence[dict], step: int) -> dict[str, float]:
   return out
 
 
-def summary_table(before: dict[str, float], after: dict[str, float], splits: Sequence[str]) -> str:
-  lines = ["| split | accuracy before RL | accuracy after RL | format rate after |", "|---|---|---|---|"]
-  for s in splits:
-    b, a = before.get(f"eval/{s}/accuracy", float("nan")), after.get(f"eval/{s}/accuracy", float("nan"))
-    lines.append(f"| {s} | {b:.3f} | {a:.3f} | {after.get(f'eval/{s}/format_rate', float('nan')):.3f} |")
-  return "\n".join(lines)
-
-
 def mean_std_table(results: dict[str, list[dict[str, float]]], splits: Sequence[str], key: str = "accuracy") -> str:
-  """results: method -> one final-eval dict per seed. Cells are mean +- std over seeds."""
+  """results: method -> one final-eval dict per seed. Cells are mean +- sample std over seeds (the value alone
+  for a single run)."""
   header = "| method | " + " | ".join(splits) + " |"
   lines = [header, "|---" * (len(splits) + 1) + "|"]
   for method, seeds in results.items():
     cells = []
     for s in splits:
       values = np.array([r[f"eval/{s}/{key}"] for r in seeds if f"eval/{s}/{key}" in r])
-      cells.append(f"{values.mean():.3f} +- {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}"
-                   if len(values) else "n/a")
+      if not len(values):
+        cells.append("n/a")
+      elif len(values) == 1:
+        cells.append(f"{values[0]:.3f}")
+      else:
+        cells.append(f"{values.mean():.3f} +- {values.std(ddof=1):.3f}")
     lines.append(f"| {method} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -162,6 +162,7 @@ class Run:
                                                    "init_from_step": self.init_from_step})
 
   def evaluate(self, splits) -> dict[str, float]:
+    """Greedy metrics per split; the first split also reports `image_reliance` (does the model look?)."""
     results = {}
     params = setup.sampling_params(self.config, self.tokenizer, greedy=True)
     for split in splits:
@@ -169,7 +170,8 @@ class Run:
       metrics = evaluate.evaluate_split(self.model(), self.tokenizer, examples, params, setup.image_config(self.config),
                                         batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
                                         prompt_buckets=tuple(self.config.data.prompt_buckets),
-                                        patch_buckets=tuple(self.config.data.patch_buckets))
+                                        patch_buckets=tuple(self.config.data.patch_buckets),
+                                        check_images=split == splits[0])
       results.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
     return results
 

@@ -1,0 +1,64 @@
+"""Greedy evaluation on a tiny random model: image_reliance detects whether answers depend on the images."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from noisygrpo_jax.evaluation import evaluate
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as config_lib
+from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib
+from noisygrpo_jax.sampling import sampler
+
+WORDS = "What colour is the shape ? red blue green".split()
+IMAGE_CONFIG = image_lib.ImageProcessorConfig(min_pixels=56 * 56, max_pixels=56 * 56)
+
+
+@pytest.fixture(scope="module")
+def setting():
+  tokenizer = tokenizer_lib.word_level_tokenizer(
+      tokenizer_lib.word_level_vocabulary([" ".join(WORDS), chat_template.COT_INSTRUCTION]), 128)
+  model = Qwen25VL(config_lib.tiny(vocab_size=len(tokenizer)), nnx.Rngs(0))
+  params = sampler.SamplingParams(max_new_tokens=6, greedy=True, eos_ids=(tokenizer.eos_id,),
+                                  pad_id=tokenizer.pad_id)
+  return tokenizer, model, params
+
+
+def _examples(images):
+  return [{"id": str(i), "image": im, "problem": "What colour is the shape ?", "solution": "red"}
+          for i, im in enumerate(images)]
+
+
+def _answer(setting, examples):
+  tokenizer, model, params = setting
+  return evaluate.answer(model, tokenizer, examples, params, IMAGE_CONFIG, batch_size=4)
+
+
+def test_identical_images_give_zero_reliance(setting):
+  tokenizer, model, params = setting
+  examples = _examples([np.full((56, 56, 3), 120, np.uint8)] * 4)
+  completions = _answer(setting, examples)
+  assert evaluate.image_reliance(model, tokenizer, examples, params, IMAGE_CONFIG, completions,
+                                 batch_size=4) == 0.0
+
+
+def test_reliance_counts_answers_changed_by_exchanged_images(setting):
+  tokenizer, model, params = setting
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(4)]
+  examples = _examples(images)
+  completions = _answer(setting, examples)
+  rotated = _answer(setting, _examples(images[1:] + images[:1]))
+  expected = np.mean([a != b for a, b in zip(completions, rotated)])
+  result = evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG, check_images=True,
+                                   batch_size=4)
+  assert result["image_reliance"] == expected
+  assert result["image_reliance"] > 0  # a random model's greedy answers depend on random images
+  assert "image_reliance" not in evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG,
+                                                         batch_size=4)
+
+
+def test_reliance_needs_two_examples(setting):
+  tokenizer, model, params = setting
+  with pytest.raises(ValueError, match="at least 2"):
+    evaluate.image_reliance(model, tokenizer, _examples([np.zeros((56, 56, 3), np.uint8)]), params,
+                            IMAGE_CONFIG, ["x"])
