@@ -7,7 +7,7 @@ bookkeeping (`prepare_hf_inputs`: M-RoPE positions, window permutation, packing)
 end to end. HF runs under torch.no_grad with eager and sdpa attention, torch threads = cores.
 
   python experiments/bench/bench_forward.py [--models tiny,3b_slice,3b_slice_full_vocab] [--batches 1,4]
-                                            [--repeats 7] [--markdown BENCHMARKS.md]
+                                            [--repeats 7] [--quick] [--markdown BENCHMARKS.md] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from noisygrpo_jax.models.qwen2_5_vl import config as cfg  # noqa: E402
 from noisygrpo_jax.models.qwen2_5_vl import load_hf  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, slice_3b, timed, write_markdown  # noqa: E402
+from common import command_line, machine, slice_3b, summary_row, timed, write_json, write_markdown  # noqa: E402
 
 GRID = (1, 28, 28)
 TEXT_TOKENS = 64
@@ -131,8 +130,12 @@ def main():
   parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds")
   parser.add_argument("--markdown", type=Path, help="write the results into this file (e.g. BENCHMARKS.md)")
+  parser.add_argument("--json", type=Path, help="write summary rows for bench_all.py here")
   args = parser.parse_args()
+  if args.quick:
+    args.warmup, args.repeats = 1, 3
 
   cores = len(os.sched_getaffinity(0))
   torch.set_num_threads(cores)
@@ -143,7 +146,7 @@ def main():
     results += bench_model(name, MODELS[name](), batches, args.warmup, args.repeats)
 
   merged = int(np.prod(GRID)) // cfg.VisionConfig.spatial_merge_size**2
-  command = "python experiments/bench/bench_forward.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  command = command_line("bench_forward.py")
   section = "\n".join([
       "## Forward pass on CPU: ours (JAX, jitted) vs transformers (PyTorch), float32", "",
       machine(), f"- command: `{command}`",
@@ -159,6 +162,11 @@ def main():
   print("\n" + section)
   if args.markdown:
     write_markdown(args.markdown, section, MD_BEGIN, MD_END)
+  write_json(args.json, [summary_row("forward", f"{r['model']} batch {r['batch']}", "forward s (HF sdpa)",
+                                     statistics.median(r["times"]["ours: device compute"]["wall"]),
+                                     statistics.median(r["times"]["HF sdpa"]["wall"]), "s",
+                                     target=1.2 if r["model"].startswith("3b") else None) for r in results],
+             command=command)
 
 
 if __name__ == "__main__":

@@ -13,28 +13,34 @@ cached forwards). Decode tokens/s = batch * new_tokens / decode seconds for both
 forwards in that time, HF new_tokens - 1). Torch threads = cores.
 
   python experiments/bench/bench_generate.py [--cases tiny,3b_slice] [--impls sdpa,eager] [--repeats 5]
-                                             [--markdown BENCHMARKS.md]
+                                             [--quick] [--markdown BENCHMARKS.md] [--json out.json]
 
-GPU variant (full Qwen2.5-VL-3B shapes, random weights, bfloat16; ours only; prints decode tokens/s and the
-fraction of the HBM roofline):
+Utilisation (CPU): decode FLOP/s and bytes moved per second (weights + KV cache read per step, analytic counts)
+as fractions of this machine's float32 matmul peak and memory bandwidth, measured in the same run
+(`common.machine_ceilings`, before and after).
+
+GPU variant (full Qwen2.5-VL-3B shapes, random weights, bfloat16; ours only): decode tokens/s and the fraction of
+the HBM roofline, then the train step's MFU with remat at the largest batch that fits (rows double until the
+device runs out of memory; if the library's step fails with remat on, it says so and measures remat off):
 
   python experiments/bench/bench_generate.py --gpu [--batch 64] [--new-tokens 256] [--peak-bandwidth 3.35e12]
-  python experiments/bench/bench_generate.py --gpu --smoke     # tiny config, runs on CPU: a smoke check
+                                             [--gpu-parts decode,train] [--train-max-rows 256] [--peak-flops 989e12]
+  python experiments/bench/bench_generate.py --gpu --smoke     # tiny config on CPU: the same code paths
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, Stopwatch, load_average, machine, slice_3b, stats, timed,  # noqa: E402
-                    write_markdown)
+from common import (REPO, Stopwatch, best_ceilings, ceilings_line, command_line, decode_step_flops,  # noqa: E402
+                    load_average, machine, machine_ceilings, matmul_peak, slice_3b, stats, summary_row, timed,
+                    train_step_flops, write_json, write_markdown)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -134,8 +140,8 @@ class HFGenerate:
 def matmul_floor(config, batch: int, repeats: int = 5) -> dict[str, float]:
   """Seconds per decode step of only the decoder's weight matmuls for one token per row ([B, D] activations
   through q/k/v/o, gate/up/down of every layer and the LM head), in jitted XLA and in torch, with random
-  float32 weights of the model's shapes; plus the bytes of those weights and the machine's streaming
-  read bandwidth (a large array sum), whose ratio is the memory-bandwidth floor."""
+  float32 weights of the model's shapes; plus the bytes of those weights (over the measured bandwidth: the
+  memory-bandwidth floor)."""
   import torch
   t = config.text
   kv = t.num_key_value_heads * t.head_dim
@@ -167,11 +173,7 @@ def matmul_floor(config, batch: int, repeats: int = 5) -> dict[str, float]:
   with torch.no_grad():
     torch_s = best(lambda: chain(*t_args, torch.nn.functional.linear))
   xla_s = best(lambda: jitted(*j_args).block_until_ready())
-  big = jnp.ones((64 * 1024 * 1024,), jnp.float32)  # 256 MB
-  total = jax.jit(jnp.sum)
-  total(big).block_until_ready()
-  bandwidth = big.nbytes / best(lambda: total(big).block_until_ready())
-  return dict(xla_s=xla_s, torch_s=torch_s, weight_bytes=weight_bytes, bandwidth=bandwidth)
+  return dict(xla_s=xla_s, torch_s=torch_s, weight_bytes=weight_bytes)
 
 
 def prefill_parts(ours: OursGenerate, hf_model, hf_inputs: dict, repeats: int = 3) -> dict[str, float]:
@@ -237,7 +239,7 @@ def bench_case(name: str, impls: list[str], warmup: int, repeats: int, diagnose:
       record[n]["agree"].append(float((tokens == ours_tokens).mean()))
     print(f"  {name}: round done", flush=True)
 
-  result = dict(name=name, batch=batch, new_tokens=new_tokens, grid=grid, prompt_len=ids.shape[1],
+  result = dict(name=name, config=config, batch=batch, new_tokens=new_tokens, grid=grid, prompt_len=ids.shape[1],
                 valid_prompt=(int(mask.sum(1).min()), int(mask.sum(1).max())), times=record)
   if diagnose:
     result["floor"] = matmul_floor(config, batch)
@@ -250,7 +252,41 @@ def bench_case(name: str, impls: list[str], warmup: int, repeats: int, diagnose:
   return result
 
 
-def tables(results: list[dict]) -> str:
+def decode_utilisation(r: dict, impl: str) -> dict[str, float]:
+  """Per decode step of `impl` ("ours" or an HF label): wall seconds (median), FLOPs and bytes moved (weights +
+  KV cache read), from the analytic counts. Ours' masked attention reads all prompt + new-token slots every step;
+  HF's cache holds the prompt (padding included) plus the tokens so far (the average over the decode is used)."""
+  config, batch, prompt, new = r["config"], r["batch"], r["prompt_len"], r["new_tokens"]
+  steps = new if impl == "ours" else new - 1
+  slots = prompt + new if impl == "ours" else prompt + new / 2
+  params, kv, _ = decode_bytes_per_step(config, batch, int(round(slots)), 0)
+  step_s = statistics.median(r["times"][impl]["decode"]["wall"]) / steps
+  return {"step_s": step_s, "flops": decode_step_flops(config, batch, int(round(slots))), "weight_bytes": params,
+          "kv_bytes": kv}
+
+
+def utilisation_table(results: list[dict], ceilings: dict) -> list[str]:
+  """Decode FLOP/s and bytes/s as fractions of the matmul peak and the memory bandwidth measured in this run."""
+  peak, bandwidth = ceilings["matmul_flops_per_s"], ceilings["best_bytes_per_s"]
+  lines = ["", "Decode utilisation (wall median per step; FLOPs: 2 x the decoder's and LM head's matmul weights per "
+           "row + attention over the cache slots read; bytes: the decoder's weights and LM head read once per step "
+           "(float32) + the KV cache read (ours: all prompt + new-token slots, as its masked attention reads them; "
+           f"HF: the average filled length)), against this run's float32 matmul peak {peak / 1e9:.0f} GFLOP/s and "
+           f"memory bandwidth {bandwidth / 1e9:.1f} GB/s:", "",
+           "| case | implementation | ms per step | GFLOP/s (fraction of matmul peak) "
+           "| MB moved per step: weights + KV | GB/s moved (fraction of bandwidth) |", "|---|---|---|---|---|---|"]
+  for r in results:
+    for impl in [k for k in r["times"] if "decode" in r["times"][k]]:
+      u = decode_utilisation(r, impl)
+      moved = u["weight_bytes"] + u["kv_bytes"]
+      lines.append(f"| {r['name']} | {impl} | {1e3 * u['step_s']:.2f} | {u['flops'] / u['step_s'] / 1e9:.1f} "
+                   f"({u['flops'] / u['step_s'] / peak:.1%}) "
+                   f"| {u['weight_bytes'] / 1e6:.1f} + {u['kv_bytes'] / 1e6:.1f} "
+                   f"| {moved / u['step_s'] / 1e9:.2f} ({moved / u['step_s'] / bandwidth:.0%}) |")
+  return lines
+
+
+def tables(results: list[dict], ceilings: dict) -> str:
   ms = lambda s: f"{1e3 * s:.1f}"
   lines = ["| case | implementation | prefill ms: wall median (min, max) | prefill CPU ms median "
            "| decode tok/s: wall median (min, max) | decode CPU s median | wall ms per decode step |",
@@ -298,27 +334,51 @@ def tables(results: list[dict]) -> str:
   if diag:
     lines += ["", "Where the time goes (per decode step: wall ms; the matmul floor runs only the decoder's weight "
               "matmuls for one token per row, jitted XLA and torch `F.linear` (HF's layout), random weights of the "
-              "same shapes; the bandwidth floor is those weights' bytes over the measured streaming read "
-              "bandwidth; KV is the cache our decode step reads, all slots, float32):", "",
+              "same shapes; the bandwidth floor is those weights' bytes over the memory bandwidth measured in this "
+              "run; KV is the cache our decode step reads, all slots, float32):", "",
               "| case | ours step ms | HF sdpa step ms | XLA matmul floor ms | torch matmul floor ms "
-              "| weights MB / read GB/s = bandwidth floor ms | KV read MB per step | vision tower ms ours / HF "
+              "| weights MB / GB/s = bandwidth floor ms | KV read MB per step | vision tower ms ours / HF "
               "| ours prefill ms |", "|---|---|---|---|---|---|---|---|---|"]
+    bandwidth = ceilings["best_bytes_per_s"]
     for r in diag:
       t, f, v = r["times"], r["floor"], r["vision"]
       step = lambda impl, n: ms(statistics.median(t[impl]["decode"]["wall"]) / n) if impl in t else "-"
       lines.append(f"| {r['name']} | {step('ours', r['new_tokens'])} | {step('HF sdpa', r['new_tokens'] - 1)} "
                    f"| {ms(f['xla_s'])} | {ms(f['torch_s'])} | {f['weight_bytes'] / 1e6:.1f} / "
-                   f"{f['bandwidth'] / 1e9:.1f} = {ms(f['weight_bytes'] / f['bandwidth'])} "
+                   f"{bandwidth / 1e9:.1f} = {ms(f['weight_bytes'] / bandwidth)} "
                    f"| {r['kv_bytes_per_step'] / 1e6:.1f} | {ms(v['ours_vision_s'])} / {ms(v['hf_vision_s'])} "
                    f"| {ms(statistics.median(t['ours']['prefill']['wall']))} |")
+  lines += utilisation_table(results, ceilings)
   return "\n".join(lines)
+
+
+def summary_rows(results: list[dict], ceilings: dict) -> list[dict]:
+  rows = []
+  for r in results:
+    u = decode_utilisation(r, "ours")
+    rows.append(summary_row("generate", r["name"], "ours decode bytes/s / memory bandwidth",
+                            (u["weight_bytes"] + u["kv_bytes"]) / u["step_s"] / ceilings["best_bytes_per_s"], None,
+                            "fraction", higher_is_better=True))
+    rows.append(summary_row("generate", r["name"], "ours decode FLOP/s / matmul peak",
+                            u["flops"] / u["step_s"] / ceilings["matmul_flops_per_s"], None, "fraction",
+                            higher_is_better=True))
+    t = r["times"]
+    tokens = r["batch"] * r["new_tokens"]
+    ours = tokens / statistics.median(t["ours"]["decode"]["wall"])
+    hf = tokens / statistics.median(t["HF sdpa"]["decode"]["wall"]) if "HF sdpa" in t else None
+    rows.append(summary_row("generate", r["name"], "greedy decode tokens/s (HF sdpa generate)", ours, hf, "tok/s",
+                            higher_is_better=True, target=TARGETS[r["name"]]))
+  return rows
 
 
 def cpu_main(args) -> None:
   import torch
   cores = len(os.sched_getaffinity(0))
   torch.set_num_threads(cores)
+  if args.quick:
+    args.warmup, args.repeats = 1, 3
   load_before = load_average()
+  ceilings = [machine_ceilings(args.quick)]
   watch = Stopwatch()
   results = []
   for name in args.cases.split(","):
@@ -327,8 +387,9 @@ def cpu_main(args) -> None:
     results.append(bench_case(name, impls, args.warmup, args.repeats, diagnose=not args.no_diagnose))
   elapsed, _ = watch.lap()
   load_after = load_average()
+  ceilings.append(machine_ceilings(args.quick))
 
-  command = "python experiments/bench/bench_generate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  command = command_line("bench_generate.py")
   case_lines = []
   for r in results:
     case_lines.append(f"- {r['name']}: batch {r['batch']}, {r['new_tokens']} new tokens, per row one image of grid "
@@ -339,6 +400,7 @@ def cpu_main(args) -> None:
       machine(), f"- command: `{command}` ({elapsed / 60:.1f} min)",
       f"- 1-minute load average before / after: {load_before:.1f} / {load_after:.1f} (the machine has {cores} "
       "cores; above that, other processes compete for them and wall times grow while CPU times barely change)",
+      ceilings_line(*ceilings),
       "- weights: random (tests/models/hf_reference.py `hf_model`, float32), copied into ours with `ours_from_hf`; "
       "greedy, no EOS (HF: do_sample=False, min_new_tokens = max_new_tokens, use_cache=True)",
       *case_lines,
@@ -350,10 +412,11 @@ def cpu_main(args) -> None:
       f"- {args.warmup} warm-up run(s) (the first compiles ours; HF generates 8 tokens), then {args.repeats} timed "
       f"rounds in which the implementations take turns; torch threads = {cores} unless marked; HF attention: tiny "
       f"{args.impls}, 3b_slice {args.slice_impls} (impl@N: torch with N threads)",
-      "", tables(results)])
+      "", tables(results, best_ceilings(*ceilings))])
   print("\n" + section)
   if args.markdown:
     write_markdown(args.markdown, section, MD_BEGIN, MD_END)
+  write_json(args.json, summary_rows(results, best_ceilings(*ceilings)), command=command)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,20 +442,18 @@ def decode_bytes_per_step(config, batch: int, slots: int, valid: float) -> tuple
   return float(params), float(per_slot * slots), float(per_slot * valid)
 
 
-def gpu_main(args) -> None:
-  backend = jax.default_backend()
-  if backend not in ("gpu", "cuda", "rocm") and not args.smoke:
-    sys.exit(f"bench_generate.py --gpu needs a JAX GPU backend, but jax.default_backend() is {backend!r} "
-             f"(devices: {jax.devices()}). On a GPU machine install requirements-gpu.txt "
-             "(jax[cuda12]); to smoke-check this code path on CPU add --smoke (tiny config, small batch).")
-  from tests.models import hf_reference as ref  # prompt layout helpers only (numpy)
+def gpu_config(args):
+  """(model config, batch, new tokens, image grid, text length range) of the GPU run or of its CPU smoke check."""
   if args.smoke:
-    config = cfg.tiny(dtype="bfloat16")
-    batch, new_tokens, grid, text_len = min(args.batch, 4), min(args.new_tokens, 8), (1, 8, 8), (4, 12)
-  else:
-    config = cfg.qwen2_5_vl_3b(dtype="bfloat16")
-    batch, new_tokens, grid, text_len = args.batch, args.new_tokens, tuple(args.grid), (32, 33)
-  print(f"building {'tiny (smoke)' if args.smoke else 'Qwen2.5-VL-3B'} with random bfloat16 weights on "
+    return cfg.tiny(dtype="bfloat16"), min(args.batch, 4), min(args.new_tokens, 8), (1, 8, 8), (4, 12)
+  return cfg.qwen2_5_vl_3b(dtype="bfloat16"), args.batch, args.new_tokens, tuple(args.grid), (32, 33)
+
+
+def gpu_decode(args, peak_bandwidth: float) -> list[str]:
+  """Decode tokens/s of ours at the full 3B shape (bf16, top-k sampling, no EOS) and its HBM roofline fraction."""
+  from tests.models import hf_reference as ref  # prompt layout helpers only (numpy)
+  config, batch, new_tokens, grid, text_len = gpu_config(args)
+  print(f"decode: building {'tiny (smoke)' if args.smoke else 'Qwen2.5-VL-3B'} with random bfloat16 weights on "
         f"{jax.devices()[0]}", flush=True)
   model = nnx.jit(lambda: Qwen25VL(config, nnx.Rngs(0)))()
   rng = np.random.default_rng(0)
@@ -413,21 +474,163 @@ def gpu_main(args) -> None:
   valid = mask.sum(1).mean() + (new_tokens + 1) / 2
   param_bytes, kv_all, kv_valid = decode_bytes_per_step(config, batch, slots, valid)
   tok_s = batch * new_tokens / statistics.median(decode)
-  lines = [
-      f"device: {jax.devices()[0].device_kind} ({backend}); config: {'tiny (smoke)' if args.smoke else '3B'}, "
-      f"bfloat16, batch {batch}, prompt {ids.shape[1]} tokens (image grid {grid}), {new_tokens} new tokens "
-      f"(top-k 50 sampling, no EOS), {args.repeats} runs after a compiling one; load average {load_before:.1f} / "
-      f"{load_average():.1f}",
+  del ours, model
+  return [
+      f"decode: device {jax.devices()[0].device_kind} ({jax.default_backend()}); config "
+      f"{'tiny (smoke)' if args.smoke else '3B'}, bfloat16, batch {batch}, prompt {ids.shape[1]} tokens (image grid "
+      f"{grid}), {new_tokens} new tokens (top-k 50 sampling, no EOS), {args.repeats} runs after a compiling one; "
+      f"load average {load_before:.1f} / {load_average():.1f}",
       f"prefill ms: median {1e3 * statistics.median(prefill):.1f} (min {1e3 * min(prefill):.1f}, max "
       f"{1e3 * max(prefill):.1f})",
       f"decode tokens/s: median {tok_s:.0f} (min {batch * new_tokens / max(decode):.0f}, max "
       f"{batch * new_tokens / min(decode):.0f}); {1e3 * step:.2f} ms per step",
       f"bytes read per decode step: params {param_bytes / 1e9:.3g} GB + KV cache {kv_all / 1e9:.3g} GB (all "
       f"{slots} slots, what our masked attention reads; {kv_valid / 1e9:.3g} GB of them filled on average)",
-      f"HBM roofline fraction at peak {args.peak_bandwidth:.3g} B/s: "
-      f"{(param_bytes + kv_all) / step / args.peak_bandwidth:.1%} (params + all KV slots), "
-      f"{(param_bytes + kv_valid) / step / args.peak_bandwidth:.1%} (params + filled KV only)",
+      f"HBM roofline fraction at {peak_bandwidth:.3g} B/s: "
+      f"{(param_bytes + kv_all) / step / peak_bandwidth:.1%} (params + all KV slots), "
+      f"{(param_bytes + kv_valid) / step / peak_bandwidth:.1%} (params + filled KV only); decode FLOP/s "
+      f"{decode_step_flops(config, batch, slots) / step / 1e12:.2f} TFLOP/s",
   ]
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether a JAX/XLA error is the device running out of memory (at compile or at run time)."""
+  text = f"{type(error).__name__}: {error}"
+  return any(k in text for k in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
+
+
+def train_batch(config, rows: int, grid, text_len, completion: int, seed: int = 0):
+  """A TokenBatch of `rows` rows: left-padded prompt (text, one image, text) + a random completion, with
+  advantages and reference log-probs (numpy, host side)."""
+  from noisygrpo_jax.models.qwen2_5_vl import host
+  from noisygrpo_jax.processing.collate import PromptBatch
+  from noisygrpo_jax.training import batches
+  from tests.models import hf_reference as ref
+  rng = np.random.default_rng(seed)
+  ids, mask = ref.left_pad([ref.prompt(config, rng, [("image", grid)], text_len) for _ in range(rows)])
+  grids = np.asarray([grid] * rows, np.int64)
+  pv = ref.pixels(rng, grids, config)
+  position_ids, rope_deltas = host.mrope_position_ids(ids, config, mask, grids)
+  rows_vision = [([x], [tuple(g)]) for x, g in zip(np.split(pv, rows), grids)]
+  vision = host.pack_vision_batch(rows_vision, config.vision, int(np.prod(grid)))
+  prompts = PromptBatch(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
+                        position_ids=position_ids, rope_deltas=rope_deltas, vision=vision)
+  tokens = rng.integers(0, config.text.vocab_size - 8, (rows, completion))
+  return batches.token_batch(prompts, tokens, np.ones((rows, completion), np.float32),
+                             advantages=rng.standard_normal(rows).astype(np.float32),
+                             ref_logps=-rng.random((rows, completion)).astype(np.float32))
+
+
+def train_trial(config, rows: int, grid, text_len, completion: int, steps: int) -> dict:
+  """Compiles and runs `steps` + 1 policy updates of a fresh random model on `rows` rows; step seconds, XLA FLOPs.
+
+  The library's step as the RL loop runs it: `make_train_step` (GRPO loss, beta 0.04, k3) with the vision tower
+  frozen, AdamW with clipping, the state donated. Raises the XLA error when the device runs out of memory.
+  """
+  from noisygrpo_jax.training import optimizer as opt_lib
+  from noisygrpo_jax.training import train_step as ts
+  graphdef, model_state = nnx.split(nnx.jit(lambda: Qwen25VL(config, nnx.Rngs(0)))())
+  params = nnx.to_pure_dict(model_state)
+  del model_state
+  labels = opt_lib.parameter_labels(params, freeze_vision=True)
+  optimizer = opt_lib.make_optimizer(labels, learning_rate=1e-6, total_steps=10**6, decay="constant")
+  step_fn = ts.make_train_step(graphdef, optimizer, opt_lib.frozen_mask(labels), ts.LossConfig(beta=0.04))
+  state = ts.TrainState(step=jnp.int32(0), params=params, opt_state=jax.jit(optimizer.init)(params))
+  del params
+  batch = jax.device_put(train_batch(config, rows, grid, text_len, completion))
+  seq = int(batch.input_ids.shape[1])
+  watch = Stopwatch()
+  compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+  compile_s, _ = watch.lap()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  times = []
+  try:
+    for i in range(steps + 1):  # the first run warms up
+      watch.lap()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready(metrics)
+      if i:
+        times.append(watch.lap()[0])
+  finally:
+    del state, batch, compiled
+  return {"rows": rows, "seq": seq, "times": times, "compile_s": compile_s,
+          "xla_flops": float(cost.get("flops", float("nan")))}
+
+
+def batch_search(config, grid, text_len, completion: int, min_rows: int, max_rows: int, steps: int,
+                 peak_flops: float) -> list[str]:
+  """Markdown rows of the train-step timings for rows = min_rows, 2 min_rows, ... until the device runs out of
+  memory or max_rows, and a closing line naming the largest batch that fitted and its MFU."""
+  patches = int(np.prod(grid))
+  lines, rows, best = [], min_rows, None
+  while rows <= max_rows:
+    try:
+      trial = train_trial(config, rows, grid, text_len, completion, steps)
+    except Exception as error:  # noqa: BLE001  (only out-of-memory ends the search; anything else is re-raised)
+      if not is_out_of_memory(error):
+        raise
+      lines.append(f"| {rows} | | out of memory | | | | | |")
+      break
+    flops = train_step_flops(config, rows, trial["seq"], completion, patches)["total"]
+    step = statistics.median(trial["times"])
+    lines.append(f"| {rows} | {trial['seq']} | {1e3 * step:.1f} ({1e3 * min(trial['times']):.1f}) "
+                 f"| {flops / 1e12:.3g} | {trial['xla_flops'] / 1e12:.3g} | {flops / step / 1e12:.3g} "
+                 f"| {flops / step / peak_flops:.1%} | {trial['compile_s']:.0f} |")
+    best = (rows, flops / step / peak_flops)
+    rows *= 2
+  if best:
+    lines.append(f"largest batch that fits: {best[0]} rows{' (the search cap)' if rows > max_rows else ''}; MFU "
+                 f"there {best[1]:.1%}")
+  return lines
+
+
+def gpu_train(args, peak_flops: float) -> list[str]:
+  """Train-step MFU of ours with remat, at the largest batch that fits: rows double from --train-min-rows until
+  the device runs out of memory or --train-max-rows; each size that fits is timed. If the library's step fails
+  with remat on (other than for memory), the failure is reported and the search is run with remat off."""
+  config, _, _, grid, text_len = gpu_config(args)
+  completion = min(args.train_completion, 8) if args.smoke else args.train_completion
+  max_rows = min(args.train_max_rows, 4) if args.smoke else args.train_max_rows
+  header = ["| rows | tokens per row | step ms median (min) | model TFLOP per step | XLA TFLOP per step "
+            "| model TFLOP/s | MFU | compile s |", "|---|---|---|---|---|---|---|---|"]
+  lines = [f"train step: {'tiny (smoke)' if args.smoke else 'Qwen2.5-VL-3B'}, bfloat16 params, vision frozen, GRPO "
+           f"loss (beta 0.04), AdamW; per row one image of grid {grid} + text, {completion} completion tokens; rows "
+           f"double from {args.train_min_rows} to at most {max_rows} until out of memory; {args.train_steps} timed "
+           f"steps each after a warm-up; MFU = model FLOPs (common.train_step_flops: no remat recompute) / median "
+           f"step time / {peak_flops:.3g} FLOP/s (XLA's count includes the recompute)"]
+  for remat in (True, False):
+    try:
+      found = batch_search(config.replace(remat=remat), grid, text_len, completion, args.train_min_rows, max_rows,
+                           args.train_steps, peak_flops)
+    except Exception as error:  # noqa: BLE001
+      if not remat or is_out_of_memory(error):
+        raise
+      lines.append(f"remat=True: the library's train step fails ({type(error).__name__}: {str(error)[:160]}); "
+                   "measuring remat=False instead")
+      continue
+    lines += [f"remat={remat}:"] + header + found
+    break
+  return lines
+
+
+def gpu_main(args) -> None:
+  backend = jax.default_backend()
+  if backend not in ("gpu", "cuda", "rocm") and not args.smoke:
+    sys.exit(f"bench_generate.py --gpu needs a JAX GPU backend, but jax.default_backend() is {backend!r} "
+             f"(devices: {jax.devices()}). On a GPU machine install requirements-gpu.txt "
+             "(jax[cuda12]); to smoke-check this code path on CPU add --smoke (tiny config, small batch).")
+  parts = args.gpu_parts.split(",")
+  measured = matmul_peak(sizes=(512,) if args.smoke else (4096, 8192), repeats=3, dtype=jnp.bfloat16)
+  if args.peak_flops is None:
+    args.peak_flops = 0.0 if args.smoke else 989e12
+  peak_flops = args.peak_flops or measured["flops_per_s"]
+  lines = [f"bfloat16 matmul peak measured on {jax.devices()[0].device_kind}: {measured['flops_per_s'] / 1e12:.1f} "
+           f"TFLOP/s (n = {measured['n']}); MFU below is against {peak_flops / 1e12:.1f} TFLOP/s"]
+  if "decode" in parts:
+    lines += gpu_decode(args, args.peak_bandwidth)
+  if "train" in parts:
+    lines += gpu_train(args, peak_flops)
   print("\n".join(lines))
 
 
@@ -449,6 +652,17 @@ def main():
   parser.add_argument("--grid", type=int, nargs=3, default=(1, 28, 28), help="--gpu: image grid t h w per row")
   parser.add_argument("--peak-bandwidth", type=float, default=3.35e12,
                       help="--gpu: peak memory bandwidth in B/s (default: H100 SXM HBM3)")
+  parser.add_argument("--peak-flops", type=float, default=None,
+                      help="--gpu: peak bf16 FLOP/s for MFU (default: 989e12, H100 SXM dense; with --smoke: the "
+                      "measured matmul peak; 0 = the measured matmul peak)")
+  parser.add_argument("--gpu-parts", default="decode,train", help="--gpu: decode (tokens/s, HBM roofline), train "
+                      "(train-step MFU with remat at the largest batch that fits), or both")
+  parser.add_argument("--train-min-rows", type=int, default=4, help="--gpu train: first batch size tried")
+  parser.add_argument("--train-max-rows", type=int, default=256, help="--gpu train: largest batch size tried")
+  parser.add_argument("--train-completion", type=int, default=256, help="--gpu train: completion tokens per row")
+  parser.add_argument("--train-steps", type=int, default=3, help="--gpu train: timed steps per batch size")
+  parser.add_argument("--quick", action="store_true", help="CPU: 1 warm-up + 3 timed rounds, quicker ceilings")
+  parser.add_argument("--json", type=Path, help="CPU: write summary rows for bench_all.py here")
   args = parser.parse_args()
   os.chdir(REPO)
   if args.gpu:

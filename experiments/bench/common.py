@@ -1,13 +1,16 @@
 """Helpers shared by the benchmark scripts: model slices, interleaved timing, machine description, load
-average, peak memory and the BENCHMARKS.md section writer."""
+average, peak memory, the machine's measured matmul peak and memory bandwidth (the denominators of every
+utilisation figure), the BENCHMARKS.md section writer and the JSON summary rows `bench_all.py` collects."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import re
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -19,6 +22,8 @@ if str(REPO) not in sys.path:
 
 import flax  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from noisygrpo_jax.models.qwen2_5_vl import config as cfg  # noqa: E402
 
@@ -105,3 +110,189 @@ def write_markdown(path: Path, section: str, begin: str, end: str) -> None:
   else:
     text = text.rstrip("\n") + "\n\n" + block + "\n"
   path.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------------
+# Machine ceilings: the denominators of the utilisation figures, measured in the same run
+
+
+def matmul_peak(sizes=(2048, 4096), repeats: int = 5, dtype=jnp.float32) -> dict[str, float]:
+  """The best FLOP/s of a jitted square `jnp.dot` on the default device.
+
+  For each n in `sizes`: an n x n x n product (2 n^3 FLOPs), `repeats` timed calls after a compiling one;
+  the best call over all sizes is the peak. Returns {"flops_per_s", "n"} (the size that reached it).
+  """
+  best, best_n = 0.0, 0
+  dot = jax.jit(jnp.dot)
+  for n in sizes:
+    a = jnp.asarray(np.random.default_rng(n).standard_normal((n, n)), dtype)
+    dot(a, a).block_until_ready()
+    for _ in range(repeats):
+      start = time.perf_counter()
+      dot(a, a).block_until_ready()
+      rate = 2 * n**3 / (time.perf_counter() - start)
+      if rate > best:
+        best, best_n = rate, n
+    del a
+  return {"flops_per_s": best, "n": best_n}
+
+
+def _best_seconds(fn, repeats: int) -> float:
+  """Best wall seconds of `repeats` calls of fn() (which blocks until its result is ready)."""
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float]:
+  """Streaming memory bandwidth of the default device in bytes/s, best of `repeats` each, three ways.
+
+  sum: a jitted `jnp.sum` of a float32 array of `megabytes` (bytes read / s; XLA:CPU reduces it on one thread);
+  gemv: a jitted float32 matrix-vector product with a square matrix of `megabytes` (matrix bytes / s; threaded,
+  and the access pattern of a decode step's weight reads); copy: a jitted, donated `x + 1` in place (bytes read +
+  written / s; donation reuses the buffer, so no page faults of a fresh allocation are timed). The arrays are far
+  larger than any CPU cache. "best" is the highest of the three: the ceiling used for utilisation.
+  """
+  side = int((megabytes * 1024 * 1024 // 4) ** 0.5)
+  x = jnp.ones((side, side), jnp.float32)
+  v = jnp.ones((side,), jnp.float32)
+  nbytes = x.nbytes
+  total, gemv = jax.jit(jnp.sum), jax.jit(jnp.dot)
+  bump = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+  out = {}
+  jax.block_until_ready(total(x))
+  out["sum"] = nbytes / _best_seconds(lambda: jax.block_until_ready(total(x)), repeats)
+  jax.block_until_ready(gemv(x, v))
+  out["gemv"] = nbytes / _best_seconds(lambda: jax.block_until_ready(gemv(x, v)), repeats)
+  holder = [jax.block_until_ready(bump(x))]
+  del x
+
+  def step():
+    holder[0] = jax.block_until_ready(bump(holder[0]))
+
+  out["copy"] = 2 * nbytes / _best_seconds(step, repeats)
+  out["best"] = max(out.values())
+  return out
+
+
+def machine_ceilings(quick: bool = False) -> dict[str, float]:
+  """float32 matmul peak (FLOP/s) and memory bandwidth (bytes/s, three ways and the best), with the load average."""
+  peak = matmul_peak(sizes=(2048,) if quick else (2048, 4096), repeats=3 if quick else 5)
+  bandwidth = memory_bandwidth(megabytes=256 if quick else 512, repeats=3 if quick else 5)
+  return {"matmul_flops_per_s": peak["flops_per_s"], "matmul_n": peak["n"],
+          **{f"{k}_bytes_per_s": v for k, v in bandwidth.items()}, "load": load_average()}
+
+
+def ceilings_line(before: dict, after: dict) -> str:
+  """A markdown bullet with both measurements; the higher of each pair is the ceiling used."""
+  gb = lambda key: f"{before[key] / 1e9:.1f} / {after[key] / 1e9:.1f}"
+  return (f"- machine ceilings measured in this run, before / after (1-minute load {before['load']:.1f} / "
+          f"{after['load']:.1f}): float32 matmul peak (jitted square jnp.dot, best over n = 2048, 4096) "
+          f"{before['matmul_flops_per_s'] / 1e9:.0f} / {after['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s; memory "
+          f"bandwidth GB/s: jnp.sum read {gb('sum_bytes_per_s')}, float32 matrix-vector read {gb('gemv_bytes_per_s')}, "
+          f"donated x + 1 read + write {gb('copy_bytes_per_s')}; the ceilings used are the highest of these "
+          f"({best_ceilings(before, after)['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+          f"{best_ceilings(before, after)['best_bytes_per_s'] / 1e9:.1f} GB/s)")
+
+
+def best_ceilings(*measurements: dict) -> dict[str, float]:
+  """The highest matmul rate and bandwidth over several measurements."""
+  return {k: max(m[k] for m in measurements) for k in ("matmul_flops_per_s", "best_bytes_per_s")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary rows for bench_all.py
+
+
+def summary_row(bench: str, case: str, metric: str, ours: float | None, theirs: float | None = None,
+                unit: str = "", higher_is_better: bool = False, target: float | None = None,
+                note: str = "") -> dict:
+  """One row of the `make bench` summary: ours vs the baseline (`theirs`) on one metric.
+
+  ratio: how many times better ours is (theirs / ours for times, ours / theirs for rates); met: whether the
+  ratio reaches `target` (None when there is no target).
+  """
+  ratio = None
+  if ours and theirs:
+    ratio = ours / theirs if higher_is_better else theirs / ours
+  met = None if target is None or ratio is None else bool(ratio >= target)
+  return dict(bench=bench, case=case, metric=metric, ours=ours, theirs=theirs, unit=unit, ratio=ratio,
+              target=target, met=met, note=note)
+
+
+def command_line(script: str) -> str:
+  """How this script was run, for the reports: `python experiments/bench/<script> <args>` without --json."""
+  args, skip = [], False
+  for arg in sys.argv[1:]:
+    if skip or arg == "--json" or arg.startswith("--json="):
+      skip = arg == "--json"
+      continue
+    args.append(shlex.quote(arg))
+  return " ".join(["python", f"experiments/bench/{script}", *args])
+
+
+def write_json(path: Path | None, rows: list[dict], **extra) -> None:
+  """Writes {"rows": rows, "load": ..., **extra} to `path` (no-op without a path)."""
+  if path is None:
+    return
+  Path(path).write_text(json.dumps({"rows": rows, **extra}, indent=1, default=float))
+
+
+# ------------------------------------------------------------------------------------------------
+# Analytic FLOP and byte counts (multiply-add = 2 FLOPs; what the implementation executes, e.g. full
+# [T, T] attention scores even where a causal mask zeroes half of them)
+
+
+def decoder_layer_matmul_params(text) -> int:
+  """Weights one token multiplies through in one decoder layer: q, k, v, o and the SwiGLU gate, up, down."""
+  heads, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+  return text.hidden_size * (2 * heads + 2 * kv) + 3 * text.hidden_size * text.intermediate_size
+
+
+def vision_forward_flops(vision, patches: int) -> float:
+  """Forward FLOPs of the vision tower on one row of `patches` patches (padding included).
+
+  Patch embedding, per block qkv / proj / SwiGLU matmuls and attention (full blocks: all patch pairs of the
+  row; windowed blocks: each query against its 3-window neighbourhood, as the local attention computes), and
+  the merger's two matmuls on patches / merge_unit tokens.
+  """
+  d, i = vision.hidden_size, vision.intermediate_size
+  window = min(patches, 3 * vision.merger_window**2 * vision.merge_unit)
+  flops = 2 * patches * vision.patch_dim * d
+  for block in range(vision.depth):
+    keys = patches if block in vision.fullatt_block_indexes else window
+    flops += 2 * patches * (4 * d * d + 3 * d * i) + 4 * patches * keys * d
+  merged = patches // vision.merge_unit
+  flops += 2 * merged * (vision.merge_unit * d) * (vision.merge_unit * d + vision.out_hidden_size)
+  return float(flops)
+
+
+def train_step_flops(config, rows: int, seq: int, completion: int, patches: int,
+                     train_vision: bool = False) -> dict[str, float]:
+  """Model FLOPs of one policy update (forward + backward = 3x forward) on `rows` rows of `seq` tokens.
+
+  decoder: 6 x layer matmul weights x rows x seq; attention: 3 x 4 x seq^2 x heads x head_dim per layer and row
+  (scores and values); lm_head: 6 x hidden x vocab x the completion tokens (log-probs are taken there only);
+  vision: its forward (x3 when trained) for `patches` patches per row. Excludes norms, RoPE, softmax and the
+  optimizer (a few FLOPs per parameter).
+  """
+  text = config.text
+  tokens = rows * seq
+  out = {"decoder": 6.0 * text.num_hidden_layers * decoder_layer_matmul_params(text) * tokens,
+         "attention": 12.0 * text.num_hidden_layers * rows * seq * seq * text.num_attention_heads * text.head_dim,
+         "lm_head": 6.0 * text.hidden_size * text.vocab_size * rows * completion,
+         "vision": (3.0 if train_vision else 1.0) * rows * vision_forward_flops(config.vision, patches)}
+  out["total"] = sum(out.values())
+  return out
+
+
+def decode_step_flops(config, batch: int, slots: int) -> float:
+  """FLOPs of one decode step: every row's token through each layer's matmuls and the LM head, plus attention
+  of one query against all `slots` cache slots (what our masked decode attention computes)."""
+  text = config.text
+  matmul = text.num_hidden_layers * decoder_layer_matmul_params(text) + text.hidden_size * text.vocab_size
+  attention = 4 * text.num_hidden_layers * slots * text.num_attention_heads * text.head_dim
+  return float(batch * (2 * matmul + attention))

@@ -6,6 +6,7 @@ import pytest
 
 from noisygrpo_jax.processing import chat_template as ct
 from noisygrpo_jax.processing import tokenizer as tk
+from tests.models.hf_reference import QWEN2_5_VL_JINJA
 
 SYS = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -38,23 +39,6 @@ EXPECTED = {
                          "<|im_start|>assistant\ncircle<|im_end|>\n"
                          "<|im_start|>user\n" + VID + "And here?<|im_end|>\n"),
 }
-
-# The template of Qwen2.5-VL-*-Instruct's chat_template.json, rendered the way transformers renders chat
-# templates (sandboxed Jinja with trim_blocks and lstrip_blocks).
-QWEN2_5_VL_JINJA = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
 
 @pytest.fixture(scope="module")
 def word_tok():
