@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE, WordLevel
+
+from noisygrpo_jax import atomic_io
 
 # The Qwen2.5 added tokens, in id order from 151643. The first 14 are special (skipped when decoding
 # with skip_special_tokens); the last 8 are ordinary added tokens.
@@ -165,11 +166,12 @@ class Tokenizer:
     """Writes `tokenizer.json` and `tokenizer_config.json` (loadable by `load_tokenizer` and by HF)."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, "tokenizer.json"), self.backend.to_str())
+    atomic_io.write_text_atomically(os.path.join(directory, "tokenizer.json"), self.backend.to_str())
     config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": self.eos_token, "pad_token": self.pad_token,
               "unk_token": UNK_TOKEN if self.kind == "word" else None, "bos_token": None,
               "noisygrpo_kind": self.kind}
-    _atomic_write(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2))
+    atomic_io.write_text_atomically(os.path.join(directory, "tokenizer_config.json"),
+                                    json.dumps(config, indent=2))
     return directory
 
   def to_hf(self):
@@ -288,7 +290,7 @@ def qwen2_5_tokenizer(cache_dir: str | os.PathLike | None = None, rebuild: bool 
   _check_qwen(backend, tiktoken_path)
   try:
     os.makedirs(os.path.dirname(cached), exist_ok=True)
-    _atomic_write(cached, backend.to_str())
+    atomic_io.write_text_atomically(cached, backend.to_str())
   except OSError:
     pass  # a read-only cache only costs a rebuild next time
   return Tokenizer(backend, source=f"built from {tiktoken_path}")
@@ -381,16 +383,3 @@ def word_level_tokenizer(words: Iterable[str], vocab_size: int, include_template
                               for t in WORD_LEVEL_TOP_TOKENS if t != UNK_TOKEN])
   backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in MARKUP_TOKENS])
   return Tokenizer(backend, kind="word", source="word-level")
-
-
-def _atomic_write(path: str, text: str) -> None:
-  """Writes via a temporary file in the same directory and `os.replace`, so readers never see a partial file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

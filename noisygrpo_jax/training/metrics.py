@@ -8,6 +8,8 @@ import os
 
 import tensorboardX
 
+from noisygrpo_jax import atomic_io
+
 
 class MetricsWriter:
   """Appends {"step": s, **metrics} lines to <workdir>/metrics.jsonl and scalars to <workdir>/tensorboard."""
@@ -22,7 +24,7 @@ class MetricsWriter:
     if os.path.exists(self.path):
       # A run killed mid-append leaves a partial last line; it belongs to a step after the checkpoint.
       kept = [r for r in read_jsonl(self.path, partial_last_line=True) if r["step"] <= resume_step]
-      _atomic_write_lines(self.path, [json.dumps(r) + "\n" for r in kept])
+      atomic_io.write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     self.jsonl = open(self.path, "a", encoding="utf-8")
     self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -54,13 +56,3 @@ def read_jsonl(path: str, partial_last_line: bool = False) -> list[dict]:
     except json.JSONDecodeError:
       lines.pop()
   return [json.loads(line) for line in lines]
-
-
-def _atomic_write_lines(path: str, lines: list[str]) -> None:
-  """Writes a sibling file and renames it over `path`, so a kill leaves the old or the new file, never half."""
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.writelines(lines)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)

@@ -65,7 +65,7 @@ def test_second_load_comes_from_cache(qwen_tok, qwen_cache_dir):
   again = tk.qwen2_5_tokenizer(cache_dir=qwen_cache_dir)
   assert again.source.startswith("cache ") and str(qwen_cache_dir) in again.source
   assert again.encode_batch(UNICODE_TEXTS) == qwen_tok.encode_batch(UNICODE_TEXTS)
-  leftovers = [p for p in qwen_cache_dir.rglob("*") if p.name.startswith(".tmp-")]
+  leftovers = [p for p in qwen_cache_dir.rglob("*") if p.name.endswith(".tmp")]
   assert not leftovers  # the atomic write cleaned up
 
 

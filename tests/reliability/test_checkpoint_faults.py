@@ -149,4 +149,4 @@ def test_metrics_of_a_killed_run_drop_a_cut_line_and_steps_after_the_checkpoint(
   writer.close()
   records = metrics_lib.read_jsonl(str(path))
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5] and records[-1]["loss"] == 0.25
-  assert not os.path.exists(f"{path}.tmp")
+  assert not list(tmp_path.glob("*.tmp"))  # the atomic rewrite left no temporary file

@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import struct
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from noisygrpo_jax import atomic_io
 from noisygrpo_jax import sharding as sharding_lib
 from noisygrpo_jax.models.qwen2_5_vl import config as config_lib
 from noisygrpo_jax.models.qwen2_5_vl import param_names
@@ -197,20 +197,6 @@ def _write_safetensors(file, entries, metadata: dict[str, str]) -> None:
     file.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
-def _replace_atomically(target: str, write) -> None:
-  """Runs write(binary file) on a temp file in target's directory, then renames it onto target."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, target)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-
-
 def _host_tensor(path: tuple, value: jax.Array, patch_shape) -> np.ndarray:
   """One parameter gathered to the host, in the HF layout."""
   return param_names.to_hf_layout(path, np.asarray(jax.device_get(value)), patch_shape)
@@ -238,9 +224,9 @@ def save_hf(model: Qwen25VL, path: str | os.PathLike) -> None:
 
   stale_index = os.path.join(path, INDEX_NAME)
   stale = _shards(stale_index) + [stale_index] if os.path.exists(stale_index) else []
-  _replace_atomically(os.path.join(path, WEIGHTS_NAME),
+  atomic_io.replace_atomically(os.path.join(path, WEIGHTS_NAME),
                       lambda f: _write_safetensors(f, entries, {"format": "pt"}))
-  _replace_atomically(os.path.join(path, "config.json"),
+  atomic_io.replace_atomically(os.path.join(path, "config.json"),
                       lambda f: f.write(json.dumps(config_lib.to_hf_dict(config), indent=2).encode()))
   for file in stale:
     if os.path.basename(file) != WEIGHTS_NAME:
