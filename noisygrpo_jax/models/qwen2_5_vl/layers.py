@@ -90,6 +90,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return out.reshape(b, t, h, d)
 
 
+def _query_blocks(q: jax.Array, segment_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
+  """q [P, H, D] and segment_ids [P] padded to n * block positions and split into n blocks: ([n, block, H, D],
+  [n, block]). Padding queries get segment -1, which no key has: a uniform softmax that callers slice off."""
+  p = q.shape[0]
+  n = -(-p // block)
+  tail = n * block - p
+  q_blocks = jnp.pad(q, ((0, tail), (0, 0), (0, 0))).reshape((n, block) + q.shape[1:])
+  return q_blocks, jnp.pad(segment_ids, (0, tail), constant_values=-1).reshape(n, block)
+
+
 def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, block: int) -> jax.Array:
   """Attention within contiguous segments of at most `block` positions, in O(P * block) instead of O(P^2).
 
@@ -103,10 +113,8 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
     [P, H, D].
   """
   p, h, d = q.shape
-  n = -(-p // block)
-  tail = n * block - p
-  q_blocks = jnp.pad(q, ((0, tail), (0, 0), (0, 0))).reshape(n, block, h, d)
-  q_seg = jnp.pad(segment_ids, (0, tail), constant_values=-1).reshape(n, block)
+  q_blocks, q_seg = _query_blocks(q, segment_ids, block)
+  n, tail = q_blocks.shape[0], q_blocks.shape[0] * block - p
 
   def key_windows(x, fill):
     padded = jnp.pad(x, ((block, tail + block),) + ((0, 0),) * (x.ndim - 1), constant_values=fill)
@@ -151,11 +159,8 @@ def chunked_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_
     [P, H, D] in q's dtype.
   """
   p, h, d = q.shape
-  n = -(-p // chunk)
-  tail = n * chunk - p
-  q_blocks = jnp.pad(q, ((0, tail), (0, 0), (0, 0))).reshape(n, chunk, h, d)
-  # Padding queries (segment -1) see no key: a uniform softmax, sliced off below.
-  q_seg = jnp.pad(segment_ids, (0, tail), constant_values=-1).reshape(n, chunk)
+  q_blocks, q_seg = _query_blocks(q, segment_ids, chunk)
+  n = q_blocks.shape[0]
 
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def block(inputs):
