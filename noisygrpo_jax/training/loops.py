@@ -56,6 +56,17 @@ def place_batch(batch, shardings):
   return jax.tree.map(put, batch, shardings)
 
 
+def count_skips(consecutive: int, skipped: bool, limit: int, step: int) -> int:
+  """The count of consecutive skipped updates after this step's; raises FloatingPointError when it reaches
+  `limit` (train.max_consecutive_skips)."""
+  consecutive = consecutive + 1 if skipped else 0
+  if consecutive >= limit:
+    raise FloatingPointError(f"step {step}: {consecutive} consecutive updates had a non-finite loss or gradient "
+                             f"(train.max_consecutive_skips={limit}); lower the learning rate, check the data, or "
+                             "resume from the last checkpoint")
+  return consecutive
+
+
 def _abstract(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=s),
                       state, shardings)
@@ -148,12 +159,8 @@ class Run:
     for _ in range(iterations):
       self.state, metrics = self._jitted_step(self.state, batch)
       skipped += int(metrics["skipped"])
-    self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
-    limit = self.config.train.max_consecutive_skips
-    if self.consecutive_skips >= limit:
-      raise FloatingPointError(f"step {self.step + 1}: {self.consecutive_skips} consecutive updates had a "
-                               f"non-finite loss or gradient (train.max_consecutive_skips={limit}); lower the "
-                               "learning rate, check the data, or resume from the last checkpoint")
+    self.consecutive_skips = count_skips(self.consecutive_skips, skipped > 0,
+                                         self.config.train.max_consecutive_skips, self.step + 1)
     return {**{k: float(v) for k, v in metrics.items()}, "skipped": float(skipped)}
 
   def save(self) -> None:

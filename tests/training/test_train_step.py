@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from noisygrpo_jax.training import loops
 from noisygrpo_jax.training import train_step as ts
 from tests.training import helpers as H
 
@@ -152,3 +153,12 @@ def test_non_finite_loss_skips_the_update():
     np.testing.assert_array_equal(a, np.asarray(b))
   new_state, metrics = jax.jit(step)(new_state, batch)
   assert float(metrics["skipped"]) == 0.0 and int(new_state.step) == 1
+
+
+def test_consecutive_skips_stop_the_run_at_the_limit_and_a_good_update_resets_them():
+  count = loops.count_skips(0, True, limit=3, step=1)
+  count = loops.count_skips(count, True, limit=3, step=2)
+  assert count == 2
+  assert loops.count_skips(count, False, limit=3, step=3) == 0
+  with pytest.raises(FloatingPointError, match=r"step 3: 3 consecutive .*train.max_consecutive_skips=3"):
+    loops.count_skips(count, True, limit=3, step=3)
