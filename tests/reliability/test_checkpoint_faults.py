@@ -46,7 +46,10 @@ def _disk_full(target: str):
 def _join_threads_started_after(before: set, timeout_s: float = 60.0) -> None:
   """What a process ending on the error would do: orbax's writer threads of the failed save run out."""
   for thread in set(threading.enumerate()) - before:
-    thread.join(timeout_s)
+    try:
+      thread.join(timeout_s)
+    except Exception:  # pylint: disable=broad-exception-caught
+      pass  # orbax's future threads re-raise their own failure from join(): the failed save's, already reported
 
 
 # Where the write fails (all in orbax's background commit): the array item's metadata, the JSON item, the
