@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.workdir = "workdir/noisygrpo_tiny"  # checkpoints, metrics, plots
   c.train.steps = 812  # RL steps (one epoch of 13k prompts at 16 per step)
   c.train.prompts_per_step = 16  # prompts per RL step (x group_size rollouts)
-  c.train.micro_batches = 1  # gradient accumulation: rollouts are split into this many micro-batches
+  c.train.micro_batches = 1  # gradient accumulation over whole groups: must divide train.prompts_per_step
   c.train.seed = 42
   c.train.log_every = 1  # steps between metric writes
   c.train.eval_every = 100  # steps between evaluations (0 = never)

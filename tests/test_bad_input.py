@@ -310,7 +310,10 @@ def test_train_step_with_empty_completions_is_not_skipped():
      ["rl.noise.levels=(0.0, 0.3, 0.6, 1.5): [1.5] outside [0, 1]", "give levels in [0, 1]"]),
     (dict(rl__noise__levels=(-0.1, 0.3, 0.6, 0.9)), ["[-0.1] outside [0, 1]"]),
     (dict(rl__group_size=3), ["rl.group_size=3 does not match the 4 noise levels", "set rl.group_size=4"]),
-], ids=["g1", "level_above_1", "negative_level", "g_vs_levels"])
+    (dict(train__micro_batches=16),  # 32 rollouts split evenly, but a micro-batch of 2 cuts a group of 4
+     ["train.prompts_per_step=8 prompts (groups of rl.group_size=4 rollouts) cannot be split into "
+      "train.micro_batches=16 micro-batches of whole groups", "set train.micro_batches to a divisor"]),
+], ids=["g1", "level_above_1", "negative_level", "g_vs_levels", "micro_batches_cut_groups"])
 def test_validate_names_the_field_and_the_fix(overrides, expected):
   config = _run_config(**overrides)
   with pytest.raises(ValueError) as info:

@@ -172,7 +172,8 @@ class OursRL:
     self.rollout_cfg = dataclasses.replace(rollout, sampling=dataclasses.replace(rollout.sampling, eos_ids=()),
                                            reward_functions=(overlap_reward,))
     self.loss_cfg = setup.loss_config(config)
-    self.logps = jax.jit(train_step.logps_fn(self.setup.graphdef, train_step.LossConfig().chunk_size))
+    self.logps = jax.jit(train_step.logps_fn(self.setup.graphdef, train_step.LossConfig().chunk_size,
+                                             self.loss_cfg.group_size))
     self.reference = jax.tree.map(jnp.copy, self.state.params)  # the state is donated to every update
     self.jitted_step = None
     self.key = jax.random.key(config.train.seed)

@@ -108,7 +108,7 @@ def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: Sampl
   mask = causal[None] & kv_valid[:, None, :]
   caches = init_caches(model, b, slots, jnp.dtype(model.config.dtype))
   hidden, caches = model.hidden_states(prompts.input_ids, prompts.position_ids, vision=prompts.vision, mask=mask,
-                                       caches=caches, cache_index=0)
+                                       caches=caches, cache_index=0, remat=False)
   n = params.max_new_tokens
   return DecodeState(
       step=jnp.zeros((), jnp.int32),
@@ -143,7 +143,7 @@ def decode_step(model: Qwen25VL, state: DecodeState, prompt_len: int, params: Sa
   kv_valid = state.kv_valid.at[:, slot].set(True)
   positions = jnp.broadcast_to(state.next_position[None, :, None], (3, token.shape[0], 1))
   hidden, caches = model.hidden_states(token[:, None], positions, mask=kv_valid[:, None, :], caches=state.caches,
-                                       cache_index=slot)
+                                       cache_index=slot, remat=False)
   return DecodeState(step=col + 1, logits=model.logits(hidden[:, 0]), caches=caches, kv_valid=kv_valid,
                      next_position=state.next_position + 1, done=done, tokens=tokens, mask=mask,
                      logprobs=logprobs, sampling_logprobs=sampling_logprobs, key=key)

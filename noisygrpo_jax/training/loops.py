@@ -219,7 +219,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   rollout_cfg = setup.rollout_config(c, run.tokenizer)
   loss_cfg = setup.loss_config(c)
   chunk = train_step.LossConfig().chunk_size
-  logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk))
+  logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk, loss_cfg.group_size))
   end = c.train.steps if max_steps is None else min(c.train.steps, run.step + max_steps)
   last: dict[str, float] = {}
   if run.step == 0 and c.train.eval_every:

@@ -48,6 +48,7 @@ class RunShape:
   max_new_tokens: int  # N: rl.max_new_tokens
   patches: int  # P: padded patches of one rollout's image (the patch bucket that holds data.max_pixels)
   micro_batches: int = 1  # train.micro_batches
+  group_size: int = 1  # rl.group_size: rollouts sharing one prompt, which the policy update runs once per group
   freeze_vision: bool = True  # optim.freeze_vision: no gradient, moments or saved activations for the ViT
   reference: bool = True  # rl.beta > 0: a frozen copy of the parameters
   compute_dtype: str = ""  # model.compute_dtype ("" = the parameter dtype)
@@ -159,27 +160,38 @@ def train_activation_bytes(config: Qwen25VLConfig, run: RunShape, rows: int, ite
   """(decoder and logits, vision tower) activations of the policy update for `rows` rows of one micro-batch on
   one device (an estimate).
 
-  Decoder over L = T + N tokens: every layer's `layer_activation_bytes`, or with model.remat only each layer's
-  input plus one layer recomputed at a time. Vision tower over P patches per row: the same rule when it trains;
-  frozen, it runs forward only and one full-attention block's transient is counted. Log-probs: one
+  Decoder passes (rows, query tokens, key tokens, saved KV cache): with run.group_size 1, one pass over
+  L = T + N tokens; with G > 1 (train_step.shared_prompt_hidden), the rows / G prompts over T tokens, then the
+  rows' N completion tokens against T + N keys, whose KV cache (the prompt's, repeated G times) each layer keeps.
+  Every pass costs each layer's `layer_activation_bytes` and cache, or with model.remat only each layer's input
+  and cache plus one layer recomputed at a time. Vision tower over P patches per prompt row: the same rule when
+  it trains; frozen, it runs forward only and one full-attention block's transient is counted. Log-probs: one
   vocabulary chunk of float32 logits and their exponentials over the N completion positions.
   """
   t, v = config.text, config.vision
   length = run.prompt_len + run.max_new_tokens
-  layer = layer_activation_bytes(rows, length, length, t.hidden_size, t.intermediate_size, t.num_attention_heads,
-                                 itemsize)
-  if config.remat:
-    text = t.num_hidden_layers * rows * length * t.hidden_size * itemsize + layer
+  prompts = -(-rows // run.group_size)
+  if run.group_size == 1:
+    passes = [(rows, length, length, 0)]
   else:
-    text = t.num_hidden_layers * layer
-  full = _vision_block_bytes(config, rows, run.patches, itemsize, full=True)
+    cache = 2 * rows * length * t.num_key_value_heads * t.head_dim * itemsize
+    passes = [(prompts, run.prompt_len, run.prompt_len, 0), (rows, run.max_new_tokens, length, cache)]
+  layers = [layer_activation_bytes(r, q, k, t.hidden_size, t.intermediate_size, t.num_attention_heads, itemsize)
+            for r, q, k, _ in passes]
+  if config.remat:
+    saved = sum(r * q * t.hidden_size * itemsize + cache for r, q, _, cache in passes)
+    text = t.num_hidden_layers * saved + max(layers)
+  else:
+    text = t.num_hidden_layers * sum(layer + cache for layer, (_, _, _, cache) in zip(layers, passes))
+  full = _vision_block_bytes(config, prompts, run.patches, itemsize, full=True)
   if run.freeze_vision:
     vision = full
   elif config.remat:
-    vision = v.depth * rows * run.patches * v.hidden_size * itemsize + full
+    vision = v.depth * prompts * run.patches * v.hidden_size * itemsize + full
   else:
     num_full = len(v.fullatt_block_indexes)
-    vision = num_full * full + (v.depth - num_full) * _vision_block_bytes(config, rows, run.patches, itemsize, False)
+    vision = num_full * full + (v.depth - num_full) * _vision_block_bytes(config, prompts, run.patches, itemsize,
+                                                                          False)
   logits = 2 * rows * run.max_new_tokens * min(run.logits_chunk, t.vocab_size) * 4
   return text + logits, vision
 

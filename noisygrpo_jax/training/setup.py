@@ -39,10 +39,7 @@ def validate(config) -> None:
                      "fraction of the diffusion schedule (0 clean, 1 pure noise), so give levels in [0, 1]")
   if rl.advantage == "noisygrpo" and not rl.noise.enabled:
     raise ValueError("rl.advantage='noisygrpo' needs rl.noise.enabled=True (its prior is the noise level)")
-  rows = config.train.prompts_per_step * rl.group_size
-  if rows % config.train.micro_batches:
-    raise ValueError(f"train.prompts_per_step * rl.group_size = {rows} rollouts cannot be split into "
-                     f"train.micro_batches={config.train.micro_batches} equal micro-batches")
+  train_step.check_whole_groups(config.train.prompts_per_step, rl.group_size, config.train.micro_batches)
 
 
 def make_mesh(config):
@@ -115,7 +112,7 @@ def run_shape(config) -> memory.RunShape:
                          max_new_tokens=rl.max_new_tokens, patches=memory.smallest_bucket(patches, d.patch_buckets),
                          micro_batches=tr.micro_batches, freeze_vision=config.optim.freeze_vision,
                          reference=bool(rl.beta), compute_dtype=config.model.compute_dtype,
-                         logits_chunk=train_step.LossConfig().chunk_size)
+                         group_size=rl.group_size, logits_chunk=train_step.LossConfig().chunk_size)
 
 
 def check_memory(config, model_cfg: model_config_lib.Qwen25VLConfig, mesh_shape) -> memory.MemoryEstimate:
@@ -174,7 +171,8 @@ def loss_config(config, kind: str = "grpo") -> train_step.LossConfig:
   return train_step.LossConfig(kind=kind, beta=rl.beta, kl_estimator=rl.kl_estimator, eps_low=rl.eps_low,
                                eps_high=rl.eps_high, aggregation=rl.aggregation,
                                use_old_logps=rl.num_iterations > 1, temperature=1.0,
-                               compute_dtype=config.model.compute_dtype)
+                               compute_dtype=config.model.compute_dtype,
+                               group_size=1 if kind == "sft" else rl.group_size)
 
 
 @dataclasses.dataclass

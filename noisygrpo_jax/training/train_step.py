@@ -1,8 +1,9 @@
 """The sharded policy-update step (GRPO family and SFT) and the train state.
 
 A `TokenBatch` row is a left-padded prompt followed by a completion of M tokens: log-probs of the
-completion are computed from the final hidden states in vocabulary chunks (no [N, L, V] logits). The
-step is `jax.jit` with in/out shardings from the logical-axis rules and a donated state; micro-batches
+completion are computed from the final hidden states in vocabulary chunks (no [N, L, V] logits). RL rows come in
+groups of G rollouts of one prompt, whose prompt runs through the model once per group (`shared_prompt_hidden`).
+The step is `jax.jit` with in/out shardings from the logical-axis rules and a donated state; micro-batches
 are accumulated with `lax.scan`, exactly for every loss aggregation because each micro-batch contributes
 (numerator / full-batch denominator).
 """
@@ -22,13 +23,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from noisygrpo_jax import sharding
 from noisygrpo_jax.models.qwen2_5_vl import host
+from noisygrpo_jax.models.qwen2_5_vl.model import causal_mask
+from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
 from noisygrpo_jax.rl import logprobs as logprobs_lib
 from noisygrpo_jax.rl import objective
+from noisygrpo_jax.sampling import sampler
 
 
 @flax.struct.dataclass
 class TokenBatch:
   """N rows of prompt (left-padded, length L - M) + completion (M tokens), with the clean images.
+
+  RL batches hold N / G groups of G consecutive rows (the rollouts of one prompt) whose prompt ids, attention
+  mask, positions and vision rows are identical (rollouts.generate_rollouts), which lets log-probs score each
+  prompt once (group_size G of `completion_logps`).
 
   input_ids: int32 [N, L]; attention_mask: int32 [N, L]; position_ids: int32 [3, N, L];
   vision: host.VisionBatch with N rows, or None;
@@ -73,22 +81,65 @@ class LossConfig:
   use_old_logps: bool = False  # False (num_iterations == 1): old = stop_gradient(current), ratio 1
   chunk_size: int = 16384
   temperature: float = 1.0
+  group_size: int = 1  # G: rows per shared prompt (rl.group_size for RL; 1 for SFT, whose prompts are distinct)
   compute_dtype: str = ""  # "" = the parameter dtype; "bfloat16" with float32 params: bf16 compute, f32 master
 
 
-def completion_logps(model, batch: TokenBatch, chunk_size: int, temperature: float = 1.0) -> jax.Array:
-  """log pi(completion token | prefix), float32 [N, M], teacher-forced on the batch's images."""
-  m = batch.completion_len
-  hidden, _ = model.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask, batch.vision)
-  prompt_len = batch.input_ids.shape[1] - m
-  return logprobs_lib.chunked_token_logprobs(hidden[:, prompt_len - 1:-1], model.lm_head_kernel(),
-                                             batch.input_ids[:, prompt_len:], chunk_size=chunk_size,
-                                             temperature=temperature)
+def shared_prompt_hidden(model, batch: TokenBatch, group_size: int) -> jax.Array:
+  """The final hidden states that predict the completion tokens, with each group's prompt run once.
+
+  Prompt pass: the first row of each group (its prompt tokens and images) writes its keys/values into per-layer
+  caches [N/G, T, K, head_dim] (T = L - M). Completion pass: the caches, repeated G times along rows and extended
+  by M slots, take the N completions at slot T; completion token k attends to its prompt's valid tokens and to
+  completion tokens <= k that are in the attention mask, as in one pass over the [N, L] rows. Gradients reach the
+  prompt through the caches.
+
+  Returns:
+    [N, M, D] in the compute dtype: the prompt's last hidden state (for completion token 0), then the completion's
+    first M - 1.
+  """
+  n, length = batch.input_ids.shape
+  m, g = batch.completion_len, group_size
+  t = length - m
+  # [N, ...] -> [N/G, G, ...] -> first row: a reshape keeps groups on the devices that hold their rows.
+  first = lambda x, axis=0: jax.lax.index_in_dim(x.reshape(x.shape[:axis] + (n // g, g) + x.shape[axis + 1:]), 0,
+                                                 axis + 1, keepdims=False)
+  vision = None if batch.vision is None else jax.tree.map(first, batch.vision)
+  prompt_mask = first(batch.attention_mask)[:, :t]
+  caches = sampler.init_caches(model, n // g, t, model.language_model.embed_tokens.embedding.dtype)
+  prompt_hidden, caches = model.hidden_states(first(batch.input_ids)[:, :t], first(batch.position_ids, 1)[:, :, :t],
+                                              vision=vision, mask=causal_mask(prompt_mask), caches=caches,
+                                              cache_index=0)
+  repeat = lambda x: jnp.pad(jnp.repeat(x, g, axis=0), ((0, 0), (0, m), (0, 0), (0, 0)))
+  caches = [LayerCache(repeat(c.k), repeat(c.v)) for c in caches]
+  mask = jnp.tril(jnp.ones((m, length), bool), k=t)[None] & batch.attention_mask.astype(bool)[:, None, :]
+  hidden, _ = model.hidden_states(batch.input_ids[:, t:], batch.position_ids[:, :, t:], mask=mask, caches=caches,
+                                  cache_index=t)
+  return jnp.concatenate([jnp.repeat(prompt_hidden[:, -1:], g, axis=0), hidden[:, :-1]], axis=1)
+
+
+def completion_logps(model, batch: TokenBatch, chunk_size: int, temperature: float = 1.0,
+                     group_size: int = 1) -> jax.Array:
+  """log pi(completion token | prefix), float32 [N, M], teacher-forced on the batch's images.
+
+  group_size G > 1 scores each group's shared prompt once (`shared_prompt_hidden`); 1 runs every row in full.
+  """
+  n, length = batch.input_ids.shape
+  prompt_len = length - batch.completion_len
+  if group_size == 1:
+    hidden, _ = model.hidden_states(batch.input_ids, batch.position_ids, batch.attention_mask, batch.vision)
+    hidden = hidden[:, prompt_len - 1:-1]
+  elif n % group_size:
+    raise ValueError(f"{n} rows are not whole groups of group_size={group_size} rollouts of one prompt")
+  else:
+    hidden = shared_prompt_hidden(model, batch, group_size)
+  return logprobs_lib.chunked_token_logprobs(hidden, model.lm_head_kernel(), batch.input_ids[:, prompt_len:],
+                                             chunk_size=chunk_size, temperature=temperature)
 
 
 def loss_terms(model, batch: TokenBatch, cfg: LossConfig):
   """(numerator, denominator, metric sums) of the loss for one micro-batch."""
-  logps = completion_logps(model, batch, cfg.chunk_size, cfg.temperature)
+  logps = completion_logps(model, batch, cfg.chunk_size, cfg.temperature, cfg.group_size)
   if cfg.kind == "sft":
     num, den = objective.aggregate(-logps, batch.completion_mask, "token_mean")
     tokens = batch.completion_mask.sum()
@@ -105,6 +156,15 @@ def denominator(batch: TokenBatch, cfg: LossConfig) -> jax.Array:
   mode = "token_mean" if cfg.kind == "sft" else cfg.aggregation
   return objective.aggregate(jnp.zeros_like(batch.completion_mask), batch.completion_mask, mode,
                              max_len=batch.completion_len)[1]
+
+
+def check_whole_groups(prompts: int, group_size: int, micro_batches: int) -> None:
+  """Raises ValueError unless `prompts` groups of `group_size` rows split into `micro_batches` whole-group parts."""
+  if prompts % micro_batches:
+    raise ValueError(f"train.prompts_per_step={prompts} prompts (groups of rl.group_size={group_size} rollouts) "
+                     f"cannot be split into train.micro_batches={micro_batches} micro-batches of whole groups (a "
+                     "group's prompt is scored once, so a micro-batch cannot cut a group); set train.micro_batches "
+                     "to a divisor of train.prompts_per_step")
 
 
 def split_micro_batches(batch: TokenBatch, k: int) -> TokenBatch:
@@ -135,6 +195,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, frozen: d
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
   def step(state: TrainState, batch: TokenBatch):
+    check_whole_groups(batch.input_ids.shape[0] // cfg.group_size, cfg.group_size, micro_batches)
     total_den = jnp.maximum(denominator(batch, cfg), 1e-9)
     micro = split_micro_batches(batch, micro_batches)
 
@@ -166,9 +227,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, frozen: d
   return step
 
 
-def logps_fn(graphdef, chunk_size: int) -> Callable:
-  """(params, batch) -> float32 [N, M] completion log-probs, without gradient (old / reference policy)."""
-  return lambda params, batch: completion_logps(nnx.merge(graphdef, params), batch, chunk_size)
+def logps_fn(graphdef, chunk_size: int, group_size: int = 1) -> Callable:
+  """(params, batch) -> float32 [N, M] completion log-probs, without gradient (old / reference policy); rows in
+  groups of `group_size` sharing their prompt (see `completion_logps`)."""
+  return lambda params, batch: completion_logps(nnx.merge(graphdef, params), batch, chunk_size,
+                                                group_size=group_size)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,13 +13,17 @@ from tests.models import hf_reference as ref
 CONFIG = cfg.tiny()
 
 
-def model_and_batch(n: int = 8, m: int = 6, seed: int = 0):
+def model_and_batch(n: int = 8, m: int = 6, seed: int = 0, group_size: int = 1):
+  """n rows: n / group_size left-padded prompts with one image each, each prompt (ids, positions and image) in
+  group_size consecutive rows as rollouts.generate_rollouts builds them; completions of different lengths."""
   model = Qwen25VL(CONFIG, nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
-  grids = [(1, 4, 4 + 2 * (i % 2)) for i in range(n)]
+  grids = [(1, 4, 4 + 2 * (i % 2)) for i in range(n // group_size)]
   ids, mask = ref.left_pad([ref.prompt(CONFIG, rng, [("image", g)], (2, 6)) for g in grids])
-  prompts = S.prompts_from_hf(model, ids, mask, pixel_values=ref.pixels(rng, grids, CONFIG),
-                              image_grid_thw=np.array(grids))
+  pixels = np.split(ref.pixels(rng, grids, CONFIG), np.cumsum([np.prod(g) for g in grids])[:-1])
+  rows = np.repeat(np.arange(len(grids)), group_size)
+  prompts = S.prompts_from_hf(model, ids[rows], mask[rows], pixel_values=np.concatenate([pixels[i] for i in rows]),
+                              image_grid_thw=np.array(grids)[rows])
   tokens = rng.integers(0, CONFIG.text.vocab_size - 8, (n, m))
   completion_mask = np.ones((n, m), np.float32)
   for i in range(n):

@@ -81,6 +81,16 @@ def test_remat_and_micro_batches_shrink_activations():
   assert halves.train_activations < base.train_activations and halves.gradients == 2 * base.gradients
 
 
+def test_shared_prompts_shrink_activations():
+  """G rollouts of a prompt: the vision tower sees one image per group; the decoder runs the prompt once."""
+  config = model_config.small()
+  for remat in (False, True):
+    base = memory.estimate(config.replace(remat=remat), RUN, ONE_DEVICE)
+    grouped = memory.estimate(config.replace(remat=remat), dataclasses.replace(RUN, group_size=4), ONE_DEVICE)
+    assert 4 * grouped.train_vision == base.train_vision
+    assert grouped.train_decoder < base.train_decoder and grouped.kv_cache == base.kv_cache
+
+
 def test_7b_at_batch_64_on_one_8gb_device_is_refused_before_allocating(monkeypatch, capsys):
   config = _run_config("qwen2_5_vl_7b")
   assert config.train.prompts_per_step * config.rl.group_size == 64

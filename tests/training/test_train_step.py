@@ -82,8 +82,9 @@ def test_sft_loss_is_the_mean_token_nll():
 
 
 def test_sharded_step_equals_single_device():
-  """lr 1e-3: Adam's first update is about lr * sign(g), so parameters move by ~1e-3 while float reduction-order
-  differences of near-zero gradients stay below the 1e-5 tolerance (at lr 1e-2 they reach 4e-5)."""
+  """2 prompts x 4 rollouts (the shared-prompt path) over 8 devices. lr 1e-3: Adam's first update is about
+  lr * sign(g), so parameters move by ~1e-3 while float reduction-order differences of near-zero gradients stay
+  below the 1e-5 tolerance (at lr 1e-2 they reach 4e-5)."""
   script = textwrap.dedent("""
       import os
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -93,9 +94,10 @@ def test_sharded_step_equals_single_device():
       from noisygrpo_jax import sharding
       from noisygrpo_jax.training import train_step as ts
       from tests.training import helpers as H
-      model, batch = H.model_and_batch(n=8)
-      graphdef, model_state, optimizer, step, state = H.setup_state(model, freeze_vision=False, lr=1e-3)
-      batch = batch.replace(ref_logps=np.asarray(ts.logps_fn(graphdef, 64)(state.params, batch)))
+      model, batch = H.model_and_batch(n=8, group_size=4)
+      graphdef, model_state, optimizer, step, state = H.setup_state(model, ts.LossConfig(group_size=4),
+                                                                    freeze_vision=False, lr=1e-3)
+      batch = batch.replace(ref_logps=np.asarray(ts.logps_fn(graphdef, 64, 4)(state.params, batch)))
       initial = jax.tree.map(np.asarray, state.params)
       single, single_metrics = jax.jit(step)(state, batch)
       single = jax.tree.map(np.asarray, single.params)

@@ -67,7 +67,7 @@ class Qwen25VL(nnx.Module):
     return jnp.where(is_vision[..., None], placed, embeds)
 
   def hidden_states(self, input_ids, position_ids, attention_mask=None, vision=None, *, mask=None,
-                    caches: list[LayerCache] | None = None, cache_index=None):
+                    caches: list[LayerCache] | None = None, cache_index=None, remat: bool = True):
     """Final normed hidden states.
 
     Args:
@@ -77,6 +77,7 @@ class Qwen25VL(nnx.Module):
       vision: packed images/videos per row, or None for text only.
       mask: optional bool [B, T, S] attention mask (the sampler passes its own for cached decoding).
       caches, cache_index: per-layer KV caches and the slot where this call's tokens are written.
+      remat: False skips the decoder's rematerialisation (config.remat) for calls never differentiated.
     Returns:
       (hidden [B, T, D], updated caches or None).
     """
@@ -84,7 +85,7 @@ class Qwen25VL(nnx.Module):
       if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, bool)
       mask = causal_mask(attention_mask)
-    return self.language_model(self.embed(input_ids, vision), position_ids, mask, caches, cache_index)
+    return self.language_model(self.embed(input_ids, vision), position_ids, mask, caches, cache_index, remat)
 
   def lm_head_kernel(self) -> jax.Array:
     """[D, V]: the output projection (the transposed embedding table when tied)."""

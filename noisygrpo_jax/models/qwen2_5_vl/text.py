@@ -97,14 +97,16 @@ class TextModel(nnx.Module):
     self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, names=("norm",), dtype=dtype, rngs=rngs)
 
-  def __call__(self, embeds, position_ids, mask, caches: list[LayerCache] | None = None, cache_index=None):
+  def __call__(self, embeds, position_ids, mask, caches: list[LayerCache] | None = None, cache_index=None,
+               remat: bool = True):
     """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S].
 
+    `remat=False` turns the model's rematerialisation off for this call (the sampler's cached decoding, which
+    is never differentiated); with caches, gradients flow through them (the trainer's shared-prompt pass).
     Returns (final normed hidden states [B, T, D], updated caches or None).
     """
     cos, sin = mrope(position_ids, self.config)
-    # Remat only matters under differentiation; cached decoding (the sampler) is never differentiated.
-    remat = self.remat and caches is None
+    remat = self.remat and remat
     new_caches = []
     x = embeds
     for i, layer in enumerate(self.layers):
