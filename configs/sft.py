@@ -3,6 +3,7 @@
 The RL configs start from it with --config.train.init_from=<this run's workdir>.
 """
 
+import ml_collections
 import noisygrpo
 
 
@@ -12,8 +13,18 @@ def get_config(arg: str = "tiny"):
   c.train.workdir = c.train.workdir.replace("noisygrpo_", "sft_")
   c.optim.learning_rate = 1e-3 if arg == "tiny" else 1e-5
   c.optim.warmup_steps = 10
-  c.train.steps = 150 if arg == "tiny" else 1000
+  c.train.steps = 300 if arg == "tiny" else 1000
+  if arg == "tiny":
+    c.train.prompts_per_step = 32  # 300 x 32 = 4.8 epochs of the 2,000 training examples
   c.train.eval_every = 50 if arg == "tiny" else 250
   c.train.checkpoint_every = 50 if arg == "tiny" else 250
+  # Dense vision pretraining before the first SFT step (training/vision_pretrain.py): the tiny preset has no
+  # pretrained vision tower; a real checkpoint keeps its own (0 skips the stage).
+  c.vision_pretrain = ml_collections.ConfigDict()
+  c.vision_pretrain.steps = 300 if arg == "tiny" else 0
+  c.vision_pretrain.batch_size = 64
+  c.vision_pretrain.learning_rate = 2e-3
+  c.vision_pretrain.warmup_steps = 20
+  c.vision_pretrain.eval_size = 128
   c.lock()
   return c

@@ -299,6 +299,28 @@ def render_scene(scene: dict[str, Any]) -> np.ndarray:
   return pixels
 
 
+CELL_CLASSES = {"colour": ("none",) + tuple(COLOURS), "shape": ("none",) + SHAPES, "size": ("none",) + SIZES}
+
+
+def cell_labels(scene: dict[str, Any], grid_height: int, grid_width: int) -> dict[str, np.ndarray]:
+  """Dense labels of the scene on a grid of equal cells (e.g. the vision tower's merged tokens).
+
+  Each cell takes the colour, shape and size of the object whose centre lies in it, or "none" (objects keep
+  a gap wider than a cell's centre spacing at the default sizes, so two centres rarely share a cell; then the
+  later object wins). Returns int32 class indices into CELL_CLASSES[name], each [grid_height * grid_width] in
+  raster order, and "background": the index of the background kind in ID_BACKGROUNDS + OOD_BACKGROUNDS.
+  """
+  cell_h, cell_w = scene["height"] / grid_height, scene["width"] / grid_width
+  labels = {name: np.zeros(grid_height * grid_width, np.int32) for name in CELL_CLASSES}
+  for obj in scene["objects"]:
+    x, y = obj["centre"]
+    cell = min(int(y // cell_h), grid_height - 1) * grid_width + min(int(x // cell_w), grid_width - 1)
+    for name, classes in CELL_CLASSES.items():
+      labels[name][cell] = classes.index(obj[name])
+  labels["background"] = np.int32((ID_BACKGROUNDS + OOD_BACKGROUNDS).index(scene["background"]["kind"]))
+  return labels
+
+
 def _sample_corruption(rng: np.random.Generator) -> dict[str, Any]:
   severity = int(rng.integers(1, 4))
   if rng.random() < 0.5:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
-from noisygrpo_jax.training import batches, checkpointing, rollouts, setup, train_step
+from noisygrpo_jax.training import batches, checkpointing, rollouts, setup, train_step, vision_pretrain
 from noisygrpo_jax.training.metrics import MetricsWriter
 
 
@@ -261,10 +261,34 @@ def sft_batch(config, tokenizer, examples, model_config) -> train_step.TokenBatc
   return batches.token_batch(prompts, tokens, mask)
 
 
+def check_vision_pretrain(config) -> None:
+  """Raises ValueError when the SFT config asks for vision pretraining on data without scene labels."""
+  if config.vision_pretrain.steps and config.data.name != "shapes_vqa":
+    raise ValueError(f"vision_pretrain.steps={config.vision_pretrain.steps} needs data.name='shapes_vqa' (its labels "
+                     f"come from the scene descriptions), not {config.data.name!r}; set "
+                     "--config.vision_pretrain.steps=0 (a pretrained checkpoint has its own vision tower)")
+
+
+def pretrain_vision(run: Run) -> None:
+  """The dense vision stage (training.vision_pretrain) of a fresh SFT run, logged and checkpointed as step 0."""
+  c = run.config
+  model = run.model()
+  cfg = vision_pretrain.VisionPretrainConfig(**c.vision_pretrain.to_dict(), seed=c.train.seed)
+  results = vision_pretrain.pretrain_vision(model, run.train_examples, setup.load_split(c, "test"),
+                                            setup.image_config(c), cfg, patch_buckets=tuple(c.data.patch_buckets))
+  params = jax.device_put(nnx.to_pure_dict(nnx.state(model)), run.setup.state_shardings.params)
+  run.state = run.state.replace(params=params)
+  run.writer.write(0, {f"vision_pretrain/{k}": v for k, v in results.items()})
+  run.save()
+
+
 def run_sft(config, max_steps: int | None = None) -> dict[str, float]:
   """Teacher-forced cross-entropy on the reference chains of thought (the RL warm start)."""
+  check_vision_pretrain(config)
   run = Run(config, "sft")
   c = config
+  if c.vision_pretrain.steps and run.checkpointer.latest_step() is None and not c.train.init_from:
+    pretrain_vision(run)
   loss_cfg = setup.loss_config(c, kind="sft")
   end = c.train.steps if max_steps is None else min(c.train.steps, run.step + max_steps)
   last: dict[str, float] = {}

@@ -182,3 +182,21 @@ def test_package_import_does_not_load_tfds():
   code = ("import sys, noisygrpo_jax.data, noisygrpo_jax.evaluation.metrics, "
           "noisygrpo_jax.evaluation.benchmark_loaders; assert 'tensorflow_datasets' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_cell_labels_put_each_object_in_the_cell_of_its_centre():
+  scene = {"width": 112, "height": 112, "background": {"kind": "stripes"},
+           "objects": [{"shape": "star", "colour": "blue", "size": "small", "centre": [10, 100]},
+                       {"shape": "circle", "colour": "red", "size": "large", "centre": [84, 28]}]}
+  labels = scenes.cell_labels(scene, 4, 4)
+  assert set(labels) == {"colour", "shape", "size", "background"}
+  expected = {name: np.zeros(16, np.int32) for name in ("colour", "shape", "size")}
+  # (x=10, y=100) -> row 3, column 0; (x=84, y=28) -> row 1 (28 // 28), column 3.
+  for cell, colour, shape, size in ((12, "blue", "star", "small"), (7, "red", "circle", "large")):
+    expected["colour"][cell] = scenes.CELL_CLASSES["colour"].index(colour)
+    expected["shape"][cell] = scenes.CELL_CLASSES["shape"].index(shape)
+    expected["size"][cell] = scenes.CELL_CLASSES["size"].index(size)
+  for name in expected:
+    np.testing.assert_array_equal(labels[name], expected[name], err_msg=name)
+  assert labels["background"] == scenes.ID_BACKGROUNDS.index("stripes")
+  assert scenes.CELL_CLASSES["colour"][0] == "none"

@@ -17,8 +17,8 @@ FAST = ["--config.data.train_size=48", "--config.data.eval_size=8", "--config.rl
         "--config.train.prompts_per_step=2", "--config.data.prompt_buckets=(96,)"]
 
 
-def _train(workdir, *overrides, config="configs/noisygrpo.py:tiny", data_dir=None):
-  args = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--config={config}",
+def _train(workdir, *overrides, config="configs/noisygrpo.py:tiny", data_dir=None, script="train.py"):
+  args = [sys.executable, os.path.join(ROOT, "experiments", script), f"--config={config}",
           f"--config.train.workdir={workdir}", *FAST, *overrides]
   if data_dir:
     args.append(f"--config.data.data_dir={data_dir}")
@@ -86,3 +86,35 @@ def test_misspelled_override_names_the_field(tmp_path):
 def test_group_size_must_match_noise_levels(tmp_path):
   result = _train(tmp_path, "--config.rl.group_size=3")
   assert result.returncode != 0 and "rl.group_size=3 does not match the 4 noise levels" in result.stderr
+
+
+def test_sft_pretrains_the_vision_tower_once_and_resumes_past_it(tmp_path, data_dir):
+  sft = lambda steps: _train(tmp_path, f"--config.train.steps={steps}", "--config.rl.max_new_tokens=80",
+                             "--config.train.checkpoint_every=2", "--config.vision_pretrain.steps=3",
+                             "--config.vision_pretrain.batch_size=4", "--config.vision_pretrain.eval_size=4",
+                             config="configs/sft.py:tiny", data_dir=data_dir, script="sft.py")
+  first = sft(2)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "vision pretraining" in first.stderr
+  records = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert sorted({r["step"] for r in records}) == [0, 1, 2]
+  assert np.isfinite(records[0]["vision_pretrain/loss"])
+  assert 0.0 <= records[0]["vision_pretrain/eval_colour_accuracy"] <= 1.0
+  assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["0", "2"]
+  second = sft(4)  # resumes from step 2: the vision stage is not run again
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from step 2" in second.stderr and "vision pretraining" not in second.stderr
+  records = metrics_lib.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]
+  assert [r["step"] for r in records if "vision_pretrain/loss" in r] == [0]
+
+
+def test_vision_pretraining_needs_scene_labels():
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import sft  # pylint: disable=import-outside-toplevel
+  from noisygrpo_jax.training import loops  # pylint: disable=import-outside-toplevel
+  config = sft.get_config("tiny")
+  with config.unlocked():
+    config.data.name = "local_vqa"
+  with pytest.raises(ValueError, match=r"vision_pretrain.steps=300 needs data.name='shapes_vqa'.*steps=0"):
+    loops.check_vision_pretrain(config)
