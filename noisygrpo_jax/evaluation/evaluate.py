@@ -37,14 +37,21 @@ def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], para
   return completions
 
 
+def final_answer(completion: str) -> str:
+  """The normalised <answer> span of a completion, or the whole completion when it has none."""
+  span = metrics_lib.extract_answer(completion)
+  return completion if span is None else metrics_lib.normalize_answer(span)
+
+
 def image_reliance(model, tokenizer, examples, params, image_config, completions: Sequence[str], **kwargs) -> float:
-  """Fraction of `completions` (the examples' answers) that change when every example is shown the next
-  example's image instead of its own: 0 for a model that ignores its images."""
+  """Fraction of the examples' final answers (`final_answer` of `completions`) that change when every example is
+  shown the next example's image instead of its own: 0 for a model that ignores its images. Only the answer
+  counts: a chain of thought that describes the other image but ends in the same answer is no change."""
   if len(examples) < 2:
     raise ValueError("image_reliance needs at least 2 examples to exchange their images")
   swapped = [dict(ex, image=examples[(i + 1) % len(examples)]["image"]) for i, ex in enumerate(examples)]
   other = answer(model, tokenizer, swapped, params, image_config, **kwargs)
-  return float(np.mean([a != b for a, b in zip(completions, other)]))
+  return float(np.mean([final_answer(a) != final_answer(b) for a, b in zip(completions, other)]))
 
 
 def evaluate_split(model, tokenizer, examples, params, image_config, *, check_images: bool = False,

@@ -1,4 +1,4 @@
-"""Greedy evaluation on a tiny random model: image_reliance detects whether answers depend on the images."""
+"""Greedy evaluation on a tiny random model: image_reliance detects whether final answers depend on the images."""
 
 import numpy as np
 import pytest
@@ -48,7 +48,7 @@ def test_reliance_counts_answers_changed_by_exchanged_images(setting):
   examples = _examples(images)
   completions = _answer(setting, examples)
   rotated = _answer(setting, _examples(images[1:] + images[:1]))
-  expected = np.mean([a != b for a, b in zip(completions, rotated)])
+  expected = np.mean([evaluate.final_answer(a) != evaluate.final_answer(b) for a, b in zip(completions, rotated)])
   result = evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG, check_images=True,
                                    batch_size=4)
   assert result["image_reliance"] == expected
@@ -62,3 +62,15 @@ def test_reliance_needs_two_examples(setting):
   with pytest.raises(ValueError, match="at least 2"):
     evaluate.image_reliance(model, tokenizer, _examples([np.zeros((56, 56, 3), np.uint8)]), params,
                             IMAGE_CONFIG, ["x"])
+
+
+def test_reliance_compares_final_answers_not_chains_of_thought(setting, monkeypatch):
+  tokenizer, model, params = setting
+  examples = _examples([np.zeros((56, 56, 3), np.uint8)] * 4)
+  own = ["<think>a red square</think><answer>Yes</answer>", "<think>x</think><answer>2</answer>", "no tags",
+         "<think>y</think><answer>red</answer>"]
+  swapped = ["<think>a blue circle</think><answer>yes.</answer>", "<think>x</think><answer>3</answer>",
+             "no tags", "<think>y</think><answer>Red</answer>"]
+  monkeypatch.setattr(evaluate, "answer", lambda *args, **kwargs: swapped)
+  # Only the second answer changes; a different caption before the same answer is no change.
+  assert evaluate.image_reliance(model, tokenizer, examples, params, IMAGE_CONFIG, own) == 0.25
