@@ -224,7 +224,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   last: dict[str, float] = {}
   if run.step == 0 and c.train.eval_every:
     run.writer.write(0, run.evaluate(c.train.eval_splits))
-  bar = run.progress_bar("noisygrpo")
+  bar = run.progress_bar(c.rl.advantage)
   while run.step < end:
     examples = run.next_examples(c.train.prompts_per_step)
     key = jax.random.fold_in(run.key, run.step)
