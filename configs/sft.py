@@ -26,5 +26,9 @@ def get_config(arg: str = "tiny"):
   c.vision_pretrain.learning_rate = 2e-3
   c.vision_pretrain.warmup_steps = 20
   c.vision_pretrain.eval_size = 128
+  # Half the pretraining images under the RL's diffusion noise (uniform level, clean labels): a pretrained encoder's
+  # robustness, so that noisy rollouts get fluent answers rather than word salad.
+  c.vision_pretrain.noise_fraction = 0.5
+  c.vision_pretrain.noise_quantize = c.rl.noise.quantize
   c.lock()
   return c

@@ -7,6 +7,11 @@ exchanged). This stage trains the vision tower and merger alone, with linear hea
 label every cell of the image grid (one cell per merged token) with the colour, shape and size of the object
 centred in it, and the image with its background. The heads are discarded; the decoder is not touched.
 
+With `noise_fraction` > 0, that fraction of the images is corrupted by the RL's diffusion noise (rl/noise.py,
+level uniform in [0, 1]) while keeping the clean scene's labels, as a pretrained encoder has seen corrupted
+images: without it the tiny tower maps NoisyGRPO's noisy rollout images (n = 0.6, 0.9) to features the decoder
+never saw, and the warm start answers them with word salad instead of a fluent guess.
+
 Labels come from the scene descriptions of shapes_vqa (`scenes.cell_labels`), so the stage needs that dataset.
 """
 
@@ -25,6 +30,7 @@ from flax import nnx
 from noisygrpo_jax.data import scenes
 from noisygrpo_jax.models.qwen2_5_vl import host
 from noisygrpo_jax.processing import collate, image as image_lib
+from noisygrpo_jax.rl import noise as noise_lib
 
 CELL_HEADS = tuple(scenes.CELL_CLASSES)  # colour, shape, size
 NUM_BACKGROUNDS = len(scenes.ID_BACKGROUNDS + scenes.OOD_BACKGROUNDS)
@@ -38,6 +44,8 @@ class VisionPretrainConfig:
   warmup_steps: int = 20
   seed: int = 0
   eval_size: int = 128  # evaluation examples for the reported accuracies
+  noise_fraction: float = 0.0  # fraction of training images corrupted with diffusion noise (labels stay clean)
+  noise_quantize: str = "wrap"  # the corruption's pixel quantisation (rl.noise.quantize)
 
 
 def host_batch(examples, image_config: image_lib.ImageProcessorConfig, model_config, patch_buckets=None):
@@ -64,6 +72,19 @@ def host_batch(examples, image_config: image_lib.ImageProcessorConfig, model_con
             for name in CELL_HEADS}
   padded["background"] = np.asarray(labels["background"], np.int32)
   return host.pack_vision_batch(rows, vision_cfg, num_patches), padded
+
+
+def corrupt_images(examples, rng: np.random.Generator, fraction: float, quantize: str) -> list[dict]:
+  """The examples, each with probability `fraction` with its image under diffusion noise of a level drawn
+  uniformly in [0, 1] (`noise_lib.diffusion_noise`); everything else (the scene, hence the labels) unchanged."""
+  out = []
+  for ex in examples:
+    if rng.random() < fraction:
+      key = jax.random.key(int(rng.integers(2**31)))
+      ex = dict(ex, image=np.asarray(noise_lib.diffusion_noise(key, np.asarray(ex["image"]), float(rng.random()),
+                                                               quantize=quantize)))
+    out.append(ex)
+  return out
 
 
 def init_heads(dim: int) -> dict[str, jax.Array]:
@@ -118,10 +139,10 @@ def pretrain_vision(model, train_examples, eval_examples, image_config, cfg: Vis
 
   loss = jnp.nan
   for i in tqdm.trange(cfg.steps, desc="vision pretraining", disable=jax.process_index() != 0):
-    order = np.random.default_rng([cfg.seed, i]).choice(len(train_examples), cfg.batch_size,
-                                                        replace=len(train_examples) < cfg.batch_size)
-    params, opt_state, loss = step(params, opt_state, *host_batch([train_examples[j] for j in order], image_config,
-                                                                  model.config, patch_buckets))
+    rng = np.random.default_rng([cfg.seed, i])
+    order = rng.choice(len(train_examples), cfg.batch_size, replace=len(train_examples) < cfg.batch_size)
+    batch = corrupt_images([train_examples[j] for j in order], rng, cfg.noise_fraction, cfg.noise_quantize)
+    params, opt_state, loss = step(params, opt_state, *host_batch(batch, image_config, model.config, patch_buckets))
   nnx.update(model.visual, params["visual"])
   _, accuracy = jax.jit(loss_fn)(params, *host_batch(eval_examples[:cfg.eval_size], image_config, model.config,
                                                      patch_buckets))

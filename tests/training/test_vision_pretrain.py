@@ -55,3 +55,15 @@ def test_pretraining_learns_the_cells_and_moves_only_the_vision_tower():
   moved = {jax.tree_util.keystr(p) for p in flat_before if not np.array_equal(flat_before[p], flat_after[p])}
   assert moved and all(p.startswith("['visual']") for p in moved), sorted(moved)[:5]
   assert any("merger" in p for p in moved)
+
+
+def test_corrupt_images_noises_the_given_fraction_and_keeps_the_scenes():
+  examples = _examples(200)
+  assert vp.corrupt_images(examples, np.random.default_rng(0), 0.0, "wrap") == examples
+  corrupted = vp.corrupt_images(examples, np.random.default_rng(0), 0.5, "wrap")
+  changed = [not np.array_equal(a["image"], b["image"]) for a, b in zip(examples, corrupted)]
+  assert 70 <= sum(changed) <= 130  # Binomial(200, 0.5): 100 +- 7
+  for a, b in zip(examples, corrupted):
+    assert a["scene"] == b["scene"] and b["image"].dtype == np.uint8 and b["image"].shape == a["image"].shape
+  again = vp.corrupt_images(examples, np.random.default_rng(0), 0.5, "wrap")
+  assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(corrupted, again))  # seeded
