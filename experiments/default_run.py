@@ -28,6 +28,8 @@ flags.DEFINE_string("out", "", "Where plots and the summary go (default: the roo
 flags.DEFINE_list("methods", ["noisygrpo"], "noisygrpo | grpo | noise_only (noise, GRPO advantage).")
 flags.DEFINE_list("seeds", ["42"], "RL seeds; each method runs once per seed.")
 flags.DEFINE_integer("rl_steps", 0, "RL steps (0 = the tiny preset's).")
+flags.DEFINE_float("vision_noise_fraction", None, "Warm start: vision_pretrain.noise_fraction (default: the sft "
+                   "preset's 0.5; 0 = clean pretraining images, the ablation in results/compare_clean_vision_pretraining).")
 
 EVAL_SPLITS = ("test", "ood", "hallucination", "robustness")
 
@@ -59,6 +61,8 @@ def main(argv):
     warm.train.workdir = os.path.join(FLAGS.root, "sft")
     warm.data.data_dir = os.path.join(FLAGS.root, "data")
     warm.train.eval_every = 0
+    if FLAGS.vision_noise_fraction is not None:
+      warm.vision_pretrain.noise_fraction = FLAGS.vision_noise_fraction
   loops.run_sft(warm)  # resumes, so a finished warm start is reused as is
 
   runs, finals, before = {}, {}, {}
