@@ -46,6 +46,7 @@ class VisionPretrainConfig:
   eval_size: int = 128  # evaluation examples for the reported accuracies
   noise_fraction: float = 0.0  # fraction of training images corrupted with diffusion noise (labels stay clean)
   noise_quantize: str = "wrap"  # the corruption's pixel quantisation (rl.noise.quantize)
+  occupied_weight: float = 1.0  # cross-entropy weight of a cell holding an object relative to an empty cell
 
 
 def host_batch(examples, image_config: image_lib.ImageProcessorConfig, model_config, patch_buckets=None):
@@ -93,22 +94,26 @@ def init_heads(dim: int) -> dict[str, jax.Array]:
   return {name: jnp.zeros((dim, n), jnp.float32) for name, n in sizes.items()}
 
 
-def loss_and_accuracy(visual, heads: dict[str, jax.Array], vision: host.VisionBatch, labels: dict[str, jax.Array]):
+def loss_and_accuracy(visual, heads: dict[str, jax.Array], vision: host.VisionBatch, labels: dict[str, jax.Array],
+                      occupied_weight: float = 1.0):
   """Summed cross-entropy of the heads, and accuracies.
 
-  Cell accuracies count only cells that hold an object (most cells are empty), background is per image.
-  Returns (loss scalar, {name: accuracy scalar}).
+  A cell's cross-entropy is a weighted mean over the real cells, an occupied cell weighing `occupied_weight`
+  times an empty one: at 112 px 14 of 16 cells are empty, and with equal weights the tower learns "empty",
+  colour and size (first-order pixel statistics) but not shape. Cell accuracies count only cells that hold an
+  object, background is per image. Returns (loss scalar, {name: accuracy scalar}).
   """
   features = jax.vmap(visual)(vision.pixel_values, vision.window_index, vision.reverse_index, vision.rope_ids,
                               vision.window_segment_ids, vision.full_segment_ids).astype(jnp.float32)  # [B, N, D]
   valid = labels["colour"] >= 0
   occupied = labels["colour"] > 0
+  weight = jnp.where(occupied, occupied_weight, 1.0) * valid
   loss, accuracy = 0.0, {}
   for name in CELL_HEADS:
     logits = features @ heads[name]
     target = jnp.maximum(labels[name], 0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)
-    loss += (ce * valid).sum() / jnp.maximum(valid.sum(), 1)
+    loss += (ce * weight).sum() / jnp.maximum(weight.sum(), 1)
     hit = logits.argmax(-1) == target
     accuracy[name] = (hit * occupied).sum() / jnp.maximum(occupied.sum(), 1)
   pooled = (features * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1, keepdims=True), 1)
@@ -129,7 +134,7 @@ def pretrain_vision(model, train_examples, eval_examples, image_config, cfg: Vis
   opt_state = optimizer.init(params)
 
   def loss_fn(p, vision, labels):
-    return loss_and_accuracy(nnx.merge(graphdef, p["visual"]), p["heads"], vision, labels)
+    return loss_and_accuracy(nnx.merge(graphdef, p["visual"]), p["heads"], vision, labels, cfg.occupied_weight)
 
   @jax.jit
   def step(p, opt_state, vision, labels):

@@ -116,5 +116,7 @@ def test_vision_pretraining_needs_scene_labels():
   config = sft.get_config("tiny")
   with config.unlocked():
     config.data.name = "local_vqa"
-  with pytest.raises(ValueError, match=r"vision_pretrain.steps=300 needs data.name='shapes_vqa'.*steps=0"):
+  steps = config.vision_pretrain.steps
+  assert steps > 0
+  with pytest.raises(ValueError, match=rf"vision_pretrain.steps={steps} needs data.name='shapes_vqa'.*steps=0"):
     loops.check_vision_pretrain(config)

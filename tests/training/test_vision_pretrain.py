@@ -68,3 +68,29 @@ def test_corrupt_images_noises_the_given_fraction_and_keeps_the_scenes():
     assert a["scene"] == b["scene"] and b["image"].dtype == np.uint8 and b["image"].shape == a["image"].shape
   again = vp.corrupt_images(examples, np.random.default_rng(0), 0.5, "wrap")
   assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(corrupted, again))  # seeded
+
+
+def test_loss_weighs_an_occupied_cell_occupied_weight_times_an_empty_one():
+  model = Qwen25VL(CONFIG, nnx.Rngs(0))
+  vision, labels = vp.host_batch(_examples(4), IMAGE_CONFIG, CONFIG, patch_buckets=(32,))
+  rng = np.random.default_rng(0)
+  heads = {name: jax.numpy.asarray(rng.normal(size=h.shape), np.float32)
+           for name, h in vp.init_heads(CONFIG.vision.out_hidden_size).items()}
+  features = np.asarray(jax.vmap(model.visual)(vision.pixel_values, vision.window_index, vision.reverse_index,
+                                               vision.rope_ids, vision.window_segment_ids, vision.full_segment_ids))
+
+  def cross_entropy(logits, target):
+    logits = logits - logits.max(-1, keepdims=True)
+    return np.log(np.exp(logits).sum(-1)) - np.take_along_axis(logits, target[..., None], -1)[..., 0]
+
+  def expected(w):
+    weight = np.where(labels["colour"] > 0, w, 1.0) * (labels["colour"] >= 0)
+    total = sum((cross_entropy(features @ np.asarray(heads[n]), np.maximum(labels[n], 0)) * weight).sum()
+                / weight.sum() for n in vp.CELL_HEADS)
+    pooled = (features * (labels["colour"] >= 0)[..., None]).sum(1) / (labels["colour"] >= 0).sum(1, keepdims=True)
+    return total + cross_entropy(pooled @ np.asarray(heads["background"]), labels["background"]).mean()
+
+  for w in (1.0, 6.0):
+    loss, _ = vp.loss_and_accuracy(model.visual, heads, vision, labels, occupied_weight=w)
+    np.testing.assert_allclose(float(loss), expected(w), rtol=1e-4)
+  assert abs(expected(6.0) - expected(1.0)) > 1e-2  # the weight changes the loss of these labels
