@@ -19,6 +19,7 @@ import grpo  # noqa: E402
 import noisygrpo  # noqa: E402
 import sft  # noqa: E402
 
+from noisygrpo_jax.data import scenes  # noqa: E402
 from noisygrpo_jax.evaluation import report  # noqa: E402
 from noisygrpo_jax.training import loops  # noqa: E402
 
@@ -92,6 +93,8 @@ def main(argv):
            f"Image reliance on {EVAL_SPLITS[0]} (fraction of answers that change when each example is shown another "
            "example's image; 0 = the model ignores its images):", "",
            report.mean_std_table(table, EVAL_SPLITS[:1], key="image_reliance"), "",
+           f"Accuracy on {EVAL_SPLITS[0]} by answer type:", "",
+           report.metric_table(table, {t: f"eval/{EVAL_SPLITS[0]}/accuracy/{t}" for t in scenes.ANSWER_TYPES}), "",
            f"Curves: {os.path.basename(curves)}; exploration (within-group reward std): "
            f"{os.path.basename(exploration)}; per-run metrics: <method>_seed<seed>_metrics.jsonl."]
   with open(os.path.join(out, "summary.md"), "w") as f:

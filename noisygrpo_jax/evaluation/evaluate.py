@@ -56,18 +56,15 @@ def image_reliance(model, tokenizer, examples, params, image_config, completions
 
 def evaluate_split(model, tokenizer, examples, params, image_config, *, check_images: bool = False,
                    **kwargs) -> dict[str, float]:
-  """accuracy, format rate, yes/no metrics (when the split has yes/no questions) of one split, and with
+  """Flat metrics of one split (`metrics_lib.summarize`): accuracy, format rate, `accuracy/<answer type>` for
+  each answer type when the examples carry one, `yes_no_<metric>` when the split has yes/no questions, and with
   `check_images` its `image_reliance` (answers a second time with exchanged images)."""
   completions = answer(model, tokenizer, examples, params, image_config, **kwargs)
-  solutions = [ex["solution"] for ex in examples]
   types = [ex.get("answer_type", "") for ex in examples]
-  result = {"accuracy": metrics_lib.accuracy(completions, solutions, types),
-            "format_rate": metrics_lib.format_rate(completions)}
-  yes_no = [i for i, t in enumerate(types) if t == "yes_no"]
-  if yes_no:
-    for name, value in metrics_lib.yes_no_metrics([completions[i] for i in yes_no],
-                                                  [solutions[i] for i in yes_no]).items():
-      result[f"yes_no_{name}"] = value
+  summary = metrics_lib.summarize(completions, [ex["solution"] for ex in examples], types)
+  result = {"accuracy": summary["accuracy"], "format_rate": summary["format_rate"]}
+  result.update({f"accuracy/{t}": v["accuracy"] for t, v in summary["by_answer_type"].items() if t})
+  result.update({f"yes_no_{name}": value for name, value in summary.get("yes_no", {}).items()})
   if check_images:
     result["image_reliance"] = image_reliance(model, tokenizer, examples, params, image_config, completions, **kwargs)
   return result

@@ -93,14 +93,18 @@ def eval_at(records: Sequence[dict], step: int) -> dict[str, float]:
 
 
 def mean_std_table(results: dict[str, list[dict[str, float]]], splits: Sequence[str], key: str = "accuracy") -> str:
-  """results: method -> one final-eval dict per seed. Cells are mean +- sample std over seeds (the value alone
-  for a single run)."""
-  header = "| method | " + " | ".join(splits) + " |"
-  lines = [header, "|---" * (len(splits) + 1) + "|"]
+  """results: method -> one final-eval dict per seed; one column per split, of the metric `key`."""
+  return metric_table(results, {s: f"eval/{s}/{key}" for s in splits})
+
+
+def metric_table(results: dict[str, list[dict[str, float]]], columns: dict[str, str]) -> str:
+  """results: method -> one final-eval dict per seed; columns: header -> metric name. Cells are mean +- sample
+  std over seeds (the value alone for a single run, n/a when no seed logged the metric)."""
+  lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
   for method, seeds in results.items():
     cells = []
-    for s in splits:
-      values = np.array([r[f"eval/{s}/{key}"] for r in seeds if f"eval/{s}/{key}" in r])
+    for name in columns.values():
+      values = np.array([r[name] for r in seeds if name in r])
       if not len(values):
         cells.append("n/a")
       elif len(values) == 1:

@@ -74,3 +74,21 @@ def test_reliance_compares_final_answers_not_chains_of_thought(setting, monkeypa
   monkeypatch.setattr(evaluate, "answer", lambda *args, **kwargs: swapped)
   # Only the second answer changes; a different caption before the same answer is no change.
   assert evaluate.image_reliance(model, tokenizer, examples, params, IMAGE_CONFIG, own) == 0.25
+
+
+def test_split_metrics_report_accuracy_per_answer_type(setting, monkeypatch):
+  tokenizer, model, params = setting
+  examples = [dict(ex, answer_type=t, solution=s) for ex, t, s in zip(
+      _examples([np.zeros((56, 56, 3), np.uint8)] * 6), ["count", "count", "yes_no", "yes_no", "attribute", "count"],
+      ["2", "3", "Yes", "No", "red", "1"])]
+  completions = [f"<think>t</think><answer>{a}</answer>" for a in ("2", "2", "Yes", "Yes", "red")] + ["no tags"]
+  monkeypatch.setattr(evaluate, "answer", lambda *args, **kwargs: completions)
+  result = evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG)
+  assert result["accuracy"] == pytest.approx(3 / 6)
+  assert result["format_rate"] == pytest.approx(5 / 6)
+  assert result["accuracy/count"] == pytest.approx(1 / 3)
+  assert result["accuracy/yes_no"] == pytest.approx(1 / 2) and result["yes_no_yes_ratio"] == 1.0
+  assert result["accuracy/attribute"] == 1.0
+  assert not any(k.startswith("accuracy/") for k in evaluate.evaluate_split(
+      model, tokenizer, [{k: v for k, v in ex.items() if k != "answer_type"} for ex in examples], params,
+      IMAGE_CONFIG))  # examples without types (local benchmarks) report no per-type accuracy

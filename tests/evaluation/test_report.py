@@ -31,6 +31,15 @@ def test_mean_std_table_uses_sample_std_and_shows_single_runs_alone():
   assert rows[4] == "| noisygrpo | n/a |"
 
 
+def test_metric_table_has_one_column_per_named_metric():
+  finals = {"grpo": [{"eval/test/accuracy/count": c, "eval/test/accuracy/yes_no": y} for c, y in ((0.5, 0.2),
+                                                                                                   (0.7, 0.4))]}
+  rows = report.metric_table(finals, {"count": "eval/test/accuracy/count", "yes_no": "eval/test/accuracy/yes_no",
+                                      "attribute": "eval/test/accuracy/attribute"}).splitlines()
+  assert rows[0] == "| method | count | yes_no | attribute |"
+  assert rows[2] == "| grpo | 0.600 +- 0.141 | 0.300 +- 0.141 | n/a |"
+
+
 def test_plots_are_written(tmp_path):
   runs = {"grpo": [_run([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], 0.5)] * 2, "noisygrpo": [_run([0.2] * 6, 0.6)]}
   for path in (report.plot_runs(runs, str(tmp_path / "curves.png"), ["test"]),
