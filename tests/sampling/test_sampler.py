@@ -177,3 +177,19 @@ def test_sharded_batch_equals_single_device(tmp_path):
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
   assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_kth_largest_equals_the_sorted_rows_kth_entry():
+  rng = np.random.default_rng(0)
+  values = (rng.normal(size=(6, 300)) * 10.0 ** rng.integers(-30, 30, (6, 1))).astype(np.float32)
+  values[0, :40] = 1.5  # ties across the k-th place
+  values[1] = -np.abs(values[1])  # all negative
+  values[2, 100:] = -np.inf  # masked entries
+  values[3, :7] = np.inf
+  values[4, :3], values[4, 3:20] = 0.0, -0.0
+  values[5] = rng.integers(-3, 3, 300)  # few distinct values
+  for k in (1, 2, 7, 20, 50, 299, 300):
+    expected = -np.sort(-values, axis=-1)[:, k - 1:k]
+    got = np.asarray(jax.jit(S.kth_largest, static_argnums=1)(values, k))
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(values, k)[0][:, -1:]))
