@@ -19,6 +19,7 @@ import tqdm
 from absl import logging
 from flax import nnx
 
+from noisygrpo_jax import atomic_io
 from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.training import batches, checkpointing, rollouts, setup, train_step, vision_pretrain
@@ -80,8 +81,8 @@ class Run:
     self.config = config
     self.workdir = config.train.workdir
     os.makedirs(self.workdir, exist_ok=True)
-    with open(os.path.join(self.workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    if kind != "eval":  # evaluating a run must not overwrite the configuration that trained it
+      atomic_io.write_text_atomically(os.path.join(self.workdir, "config.json"), config.to_json_best_effort(indent=2))
     self.mesh = setup.make_mesh(config)
     self.train_examples = setup.load_split(config, "train")
     self.tokenizer = setup.build_tokenizer(config, self.train_examples)

@@ -1,6 +1,7 @@
 """The RL loop end to end on the tiny preset: outputs, exact resume in a new process, config errors."""
 
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -56,6 +57,21 @@ def test_tiny_run_of_20_steps_writes_metrics_events_and_checkpoints(tmp_path, da
     assert all(np.isfinite(r[key]) for r in records if "reward/semantic" in r), key
   assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["10", "20"]
+  # Evaluating the run (with another sampling setting) reports per-type accuracy and leaves the run's files alone.
+  with open(os.path.join(tmp_path, "config.json")) as f:
+    config_text = f.read()
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    metrics_text = f.read()
+  result = _train(tmp_path, "--config.rl.temperature=0.5", "--splits=test", data_dir=data_dir, script="evaluate.py")
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(os.path.join(tmp_path, "eval_step20.json")) as f:
+    evaluation = json.load(f)
+  assert evaluation["step"] == 20 and 0 <= evaluation["eval/test/accuracy"] <= 1
+  assert any(k.startswith("eval/test/accuracy/") for k in evaluation)
+  with open(os.path.join(tmp_path, "config.json")) as f:
+    assert f.read() == config_text
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    assert f.read() == metrics_text
 
 
 def test_restore_in_a_new_process_continues_bitwise(tmp_path, data_dir):
