@@ -99,9 +99,9 @@ def loss_and_accuracy(visual, heads: dict[str, jax.Array], vision: host.VisionBa
   """Summed cross-entropy of the heads, and accuracies.
 
   A cell's cross-entropy is a weighted mean over the real cells, an occupied cell weighing `occupied_weight`
-  times an empty one: at 112 px 14 of 16 cells are empty, and with equal weights the tower learns "empty",
-  colour and size (first-order pixel statistics) but not shape. Cell accuracies count only cells that hold an
-  object, background is per image. Returns (loss scalar, {name: accuracy scalar}).
+  times an empty one: most of the 16 cells of a 112 px image are empty, and with equal weights the tower
+  learns "empty", colour and size (first-order pixel statistics) but not shape. Cell accuracies count only
+  cells that hold an object, background is per image. Returns (loss scalar, {name: accuracy scalar}).
   """
   features = jax.vmap(visual)(vision.pixel_values, vision.window_index, vision.reverse_index, vision.rope_ids,
                               vision.window_segment_ids, vision.full_segment_ids).astype(jnp.float32)  # [B, N, D]
