@@ -16,7 +16,7 @@ def get_config(arg: str = "tiny"):
   c.train.steps = 250 if arg == "tiny" else 1000
   if arg == "tiny":
     c.train.prompts_per_step = 32  # 250 x 32 = 4 epochs of the 2,000 training examples
-  c.train.eval_every = 50 if arg == "tiny" else 250
+  c.train.eval_every = 250
   c.train.checkpoint_every = 50 if arg == "tiny" else 250
   # Dense vision pretraining before the first SFT step (training/vision_pretrain.py): the tiny preset has no
   # pretrained vision tower; a real checkpoint keeps its own (0 skips the stage).

@@ -156,12 +156,19 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def check_fits(self, step: int, abstract_state, fix: str = RESTORE_FIX) -> None:
-    """Raises CheckpointMismatchError when checkpoint `step` does not have `abstract_state`'s paths and shapes."""
+  def check_fits(self, step: int, abstract_state, fix: str = RESTORE_FIX, only: str = "") -> None:
+    """Raises CheckpointMismatchError when checkpoint `step` does not have `abstract_state`'s paths and shapes.
+
+    `only`: compare just the stored paths under this top-level field (e.g. "params").
+    """
     items = self.manager.metadata(step).item_metadata
     if items is None or items.get("state") is None:
       return  # no stored array metadata (older format): orbax's own restore checks still apply
-    problems = shape_mismatches(_shapes(items["state"]), _shapes(abstract_state))
+    stored = _shapes(items["state"])
+    wanted = _shapes({only: abstract_state} if only else abstract_state)
+    if only:
+      stored = {p: shape for p, shape in stored.items() if p.split("/", 1)[0] == only}
+    problems = shape_mismatches(stored, wanted)
     if problems:
       more = f" (and {len(problems) - 3} more differences)" if len(problems) > 3 else ""
       raise CheckpointMismatchError(
@@ -178,6 +185,19 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
     return restored["state"], restored["metadata"]
+
+  def restore_params(self, step: int, abstract_params, fix: str = RESTORE_FIX):
+    """Only the `params` field of checkpoint `step`'s state, into `abstract_params`' shapes and shardings.
+
+    A warm start's optimizer state need not fit: it may have trained other parts (e.g. an unfrozen vision tower).
+    """
+    self.check_fits(step, abstract_params, fix, only="params")
+    target = {"params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.directory, str(step), "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True))
+    return restored["params"]
 
   def close(self) -> None:
     self.wait()

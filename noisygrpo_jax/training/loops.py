@@ -7,6 +7,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -136,9 +137,9 @@ class Run:
     self.init_from_step = step
     fix = (f"point train.init_from at a run of this model (same model.preset and tokenizer vocabulary), or "
            f"change the model configuration to the one {directory!r} was trained with")
-    state, _ = source.restore(step, _abstract(self.setup.state, self.setup.state_shardings), fix=fix)
+    params = source.restore_params(step, _abstract(self.setup.state.params, self.setup.state_shardings.params), fix)
     source.close()
-    return state.params
+    return params
 
   def model(self):
     return nnx.merge(self.setup.graphdef, self.state.params)
@@ -183,6 +184,32 @@ class Run:
       results.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
     return results
 
+  def evaluate_start(self, splits) -> dict[str, float]:
+    """`evaluate(splits)` of a fresh run's step-0 model.
+
+    A run started from train.init_from evaluates that checkpoint, which every run from the same warm start
+    shares, so the result is stored in <init_from>/evaluations/ under a hash of every setting that can change
+    it (checkpoint step, splits, data, model, tokenizer, completion budget, batch size) and reused. Delete that
+    folder after changing the evaluation code.
+    """
+    c = self.config
+    if not c.train.init_from:
+      return self.evaluate(splits)
+    settings = {"init_from_step": self.init_from_step, "splits": list(splits), "data": c.data.to_dict(),
+                "model": c.model.to_dict(), "tokenizer": c.tokenizer.to_dict(), "max_new_tokens": c.rl.max_new_tokens,
+                "batch_size": c.train.prompts_per_step * c.rl.group_size}
+    text = json.dumps(settings, sort_keys=True, default=str)
+    path = os.path.join(c.train.init_from, "evaluations",
+                        f"step{self.init_from_step}_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        return json.load(f)["metrics"]
+    results = self.evaluate(splits)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      atomic_io.write_text_atomically(path, json.dumps({"settings": settings, "metrics": results}, indent=2))
+    return results
+
   def finish_step(self, metrics: dict[str, float], end: int, bar: tqdm.tqdm, postfix: dict[str, str]) -> None:
     """Counts the step, then logs, evaluates and checkpoints on their schedules."""
     c = self.config.train
@@ -224,7 +251,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   end = c.train.steps if max_steps is None else min(c.train.steps, run.step + max_steps)
   last: dict[str, float] = {}
   if run.step == 0 and c.train.eval_every:
-    run.writer.write(0, run.evaluate(c.train.eval_splits))
+    run.writer.write(0, run.evaluate_start(c.train.eval_splits))
   bar = run.progress_bar(c.rl.advantage)
   while run.step < end:
     examples = run.next_examples(c.train.prompts_per_step)

@@ -94,6 +94,35 @@ def test_restore_in_a_new_process_continues_bitwise(tmp_path, data_dir):
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
 
 
+def test_runs_from_one_warm_start_share_its_step_0_evaluation_and_may_freeze_what_it_trained(tmp_path, data_dir):
+  warm, first, second = tmp_path / "warm", tmp_path / "first", tmp_path / "second"
+  result = _train(warm, "--config.train.steps=1", "--config.train.eval_every=0", data_dir=data_dir)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rl = lambda workdir, *more: _train(workdir, "--config.train.steps=1", "--config.train.eval_every=1",
+                                     f"--config.train.init_from={warm}", "--config.train.seed=7", *more,
+                                     data_dir=data_dir)
+  # The warm start trained its vision tower; a run that freezes it (the original's setting) takes its parameters
+  # without its optimizer state.
+  result = rl(first, "--config.optim.freeze_vision=True")
+  assert result.returncode == 0, result.stderr[-3000:]
+  [cached] = glob.glob(os.path.join(warm, "evaluations", "step1_*.json"))
+  with open(cached) as f:
+    stored = json.load(f)
+  step0 = [r for r in metrics_lib.read_jsonl(os.path.join(first, "metrics.jsonl")) if r["step"] == 0]
+  # metrics.jsonl writes an undefined metric (e.g. the precision of no "yes" answers) as null, the cache as NaN.
+  assert step0 == [{"step": 0, **{k: None if np.isnan(v) else v for k, v in stored["metrics"].items()}}]
+  assert stored["settings"]["max_new_tokens"] == 12 and stored["settings"]["splits"] == ["test"]
+  # The second run reads the stored evaluation (marked here) instead of evaluating the warm start again.
+  stored["metrics"]["eval/test/accuracy"] = 0.123456
+  with open(cached, "w") as f:
+    json.dump(stored, f)
+  result = rl(second)
+  assert result.returncode == 0, result.stderr[-3000:]
+  step0 = [r for r in metrics_lib.read_jsonl(os.path.join(second, "metrics.jsonl")) if r["step"] == 0]
+  assert step0[0]["eval/test/accuracy"] == 0.123456
+  assert len(glob.glob(os.path.join(warm, "evaluations", "*.json"))) == 1
+
+
 def test_misspelled_override_names_the_field(tmp_path):
   result = _train(tmp_path, "--config.rl.nosie_levels=(0.,.5)")
   assert result.returncode != 0 and "nosie_levels" in result.stderr
