@@ -95,6 +95,10 @@ def main(argv):
            report.mean_std_table(table, EVAL_SPLITS[:1], key="image_reliance"), "",
            f"Accuracy on {EVAL_SPLITS[0]} by answer type:", "",
            report.metric_table(table, {t: f"eval/{EVAL_SPLITS[0]}/accuracy/{t}" for t in scenes.ANSWER_TYPES}), "",
+           f"Seeing vs reasoning on {EVAL_SPLITS[0]}: fraction of chains of thought that describe the scene exactly "
+           "as the reference does, and answer accuracy among those (near 1 when answers follow the description):", "",
+           report.metric_table(table, {name: f"eval/{EVAL_SPLITS[0]}/{name}"
+                                       for name in ("description_match", "accuracy_given_description")}), "",
            f"Curves: {os.path.basename(curves)}; exploration (within-group reward std): "
            f"{os.path.basename(exploration)}; per-run metrics: <method>_seed<seed>_metrics.jsonl."]
   with open(os.path.join(out, "summary.md"), "w") as f:

@@ -57,14 +57,17 @@ def image_reliance(model, tokenizer, examples, params, image_config, completions
 def evaluate_split(model, tokenizer, examples, params, image_config, *, check_images: bool = False,
                    **kwargs) -> dict[str, float]:
   """Flat metrics of one split (`metrics_lib.summarize`): accuracy, format rate, `accuracy/<answer type>` for
-  each answer type when the examples carry one, `yes_no_<metric>` when the split has yes/no questions, and with
-  `check_images` its `image_reliance` (answers a second time with exchanged images)."""
+  each answer type when the examples carry one, `yes_no_<metric>` when the split has yes/no questions,
+  `description_match` and `accuracy_given_description` when every example carries a reference chain of thought
+  ("cot"), and with `check_images` its `image_reliance` (answers a second time with exchanged images)."""
   completions = answer(model, tokenizer, examples, params, image_config, **kwargs)
   types = [ex.get("answer_type", "") for ex in examples]
-  summary = metrics_lib.summarize(completions, [ex["solution"] for ex in examples], types)
+  cots = [ex["cot"] for ex in examples] if all(ex.get("cot") for ex in examples) else None
+  summary = metrics_lib.summarize(completions, [ex["solution"] for ex in examples], types, reference_cots=cots)
   result = {"accuracy": summary["accuracy"], "format_rate": summary["format_rate"]}
   result.update({f"accuracy/{t}": v["accuracy"] for t, v in summary["by_answer_type"].items() if t})
   result.update({f"yes_no_{name}": value for name, value in summary.get("yes_no", {}).items()})
+  result.update(summary.get("description", {}))
   if check_images:
     result["image_reliance"] = image_reliance(model, tokenizer, examples, params, image_config, completions, **kwargs)
   return result

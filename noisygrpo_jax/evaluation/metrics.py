@@ -18,6 +18,7 @@ YES_NO = "yes_no"
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+_FIRST_THOUGHT_RE = re.compile(r"<think>(.*?)(?:\.|</think>)", re.DOTALL)
 _PUNCT_TABLE = str.maketrans({c: " " for c in string.punctuation})
 
 
@@ -50,6 +51,33 @@ def is_correct(completion: str, solution: str, answer_type: str = "") -> bool:
     label = yes_no_label(answer)
     return label is not None and label == yes_no_label(solution)
   return normalize_answer(answer) == normalize_answer(solution)
+
+
+def first_thought(completion: str) -> str | None:
+  """The normalised first sentence of the completion's <think> span, or None when it has no <think>.
+
+  In shapes_vqa's chains of thought that sentence is the description of the scene ("The image shows 2 shapes
+  on a plain background, from left to right: a small yellow square and a small green triangle.").
+  """
+  match = _FIRST_THOUGHT_RE.search(completion)
+  return None if match is None else normalize_answer(match.group(1))
+
+
+def description_metrics(completions: Sequence[str], reference_cots: Sequence[str],
+                        correct: Sequence[bool]) -> dict[str, float]:
+  """Does the chain of thought carry the answer? Separates seeing from reasoning.
+
+  Returns "description_match": fraction of completions whose first thought (`first_thought`) equals the
+  reference chain of thought's, i.e. that describe the scene exactly right; and
+  "accuracy_given_description": answer accuracy (from `correct`, bool [N]) over those, NaN when there are none.
+  A model whose answers follow its chain of thought has the latter near 1: its errors are errors of seeing.
+  """
+  n = _check_lengths(completions=completions, reference_cots=reference_cots, correct=correct)
+  match = np.array([first_thought(c) is not None and first_thought(c) == first_thought(r)
+                    for c, r in zip(completions, reference_cots)], dtype=bool)
+  correct = np.asarray(correct, dtype=bool)
+  return {"description_match": _ratio(match.sum(), n),
+          "accuracy_given_description": _ratio((correct & match).sum(), match.sum())}
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -117,11 +145,13 @@ def yes_no_metrics(completions: Sequence[str], solutions: Sequence[str]) -> dict
 
 
 def summarize(completions: Sequence[str], solutions: Sequence[str], answer_types: Sequence[str] | None = None,
-              groups: Sequence[str] | None = None) -> dict:
+              groups: Sequence[str] | None = None, reference_cots: Sequence[str] | None = None) -> dict:
   """One split's summary: {"n", "accuracy", "format_rate", "by_answer_type": {type: {"n", "accuracy"}},
   "yes_no": yes_no_metrics over the yes/no examples (when there are any), "by_group": {group: {"n",
-  "accuracy"}} (when `groups` is given, e.g. POPE kinds or benchmark categories)}."""
-  n = _check_lengths(completions=completions, solutions=solutions, answer_types=answer_types, groups=groups)
+  "accuracy"}} (when `groups` is given, e.g. POPE kinds or benchmark categories), "description":
+  description_metrics (when `reference_cots` is given)}."""
+  n = _check_lengths(completions=completions, solutions=solutions, answer_types=answer_types, groups=groups,
+                     reference_cots=reference_cots)
   types = list(answer_types) if answer_types is not None else [""] * n
   correct = correctness(completions, solutions, types)
   summary: dict = {"n": n, "accuracy": _ratio(correct.sum(), n), "format_rate": format_rate(completions)}
@@ -137,6 +167,8 @@ def summarize(completions: Sequence[str], solutions: Sequence[str], answer_types
     summary["yes_no"] = yes_no_metrics([completions[i] for i in yes_no], [solutions[i] for i in yes_no])
   if groups is not None:
     summary["by_group"] = by(groups)
+  if reference_cots is not None:
+    summary["description"] = description_metrics(completions, reference_cots, correct)
   return summary
 
 

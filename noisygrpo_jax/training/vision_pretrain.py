@@ -17,6 +17,7 @@ Labels come from the scene descriptions of shapes_vqa (`scenes.cell_labels`), so
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 
@@ -142,12 +143,21 @@ def pretrain_vision(model, train_examples, eval_examples, image_config, cfg: Vis
     updates, opt_state = optimizer.update(grads, opt_state, p)
     return optax.apply_updates(p, updates), opt_state, loss
 
-  loss = jnp.nan
-  for i in tqdm.trange(cfg.steps, desc="vision pretraining", disable=jax.process_index() != 0):
+  def make_batch(i: int):
     rng = np.random.default_rng([cfg.seed, i])
     order = rng.choice(len(train_examples), cfg.batch_size, replace=len(train_examples) < cfg.batch_size)
     batch = corrupt_images([train_examples[j] for j in order], rng, cfg.noise_fraction, cfg.noise_quantize)
-    params, opt_state, loss = step(params, opt_state, *host_batch(batch, image_config, model.config, patch_buckets))
+    return host_batch(batch, image_config, model.config, patch_buckets)
+
+  loss = jnp.nan
+  # Batch i depends only on (seed, i): a thread builds the next one while the device runs this step.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as prefetch:
+    pending = prefetch.submit(make_batch, 0)
+    for i in tqdm.trange(cfg.steps, desc="vision pretraining", disable=jax.process_index() != 0):
+      batch = pending.result()
+      if i + 1 < cfg.steps:
+        pending = prefetch.submit(make_batch, i + 1)
+      params, opt_state, loss = step(params, opt_state, *batch)
   nnx.update(model.visual, params["visual"])
   _, accuracy = jax.jit(loss_fn)(params, *host_batch(eval_examples[:cfg.eval_size], image_config, model.config,
                                                      patch_buckets))

@@ -92,3 +92,20 @@ def test_split_metrics_report_accuracy_per_answer_type(setting, monkeypatch):
   assert not any(k.startswith("accuracy/") for k in evaluate.evaluate_split(
       model, tokenizer, [{k: v for k, v in ex.items() if k != "answer_type"} for ex in examples], params,
       IMAGE_CONFIG))  # examples without types (local benchmarks) report no per-type accuracy
+
+
+def test_split_metrics_report_description_match_when_examples_carry_reference_chains_of_thought(setting,
+                                                                                                monkeypatch):
+  tokenizer, model, params = setting
+  cots = [f"<think>A {c} square. So {c}.</think><answer>{c}</answer>" for c in ("red", "blue", "green", "red")]
+  examples = [dict(ex, solution=c, cot=cot) for ex, c, cot in zip(
+      _examples([np.zeros((56, 56, 3), np.uint8)] * 4), ("red", "blue", "green", "red"), cots)]
+  completions = [cots[0], "<think>A red square. So blue.</think><answer>blue</answer>",
+                 "<think>A green square. So red.</think><answer>red</answer>", "<answer>red</answer>"]
+  monkeypatch.setattr(evaluate, "answer", lambda *args, **kwargs: completions)
+  result = evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG)
+  assert result["accuracy"] == pytest.approx(3 / 4)
+  assert result["description_match"] == pytest.approx(2 / 4)  # the first and the third see the square right
+  assert result["accuracy_given_description"] == pytest.approx(1 / 2)  # the third then answers wrong
+  examples[3] = {k: v for k, v in examples[3].items() if k != "cot"}
+  assert "description_match" not in evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG)

@@ -91,3 +91,29 @@ def test_summaries():
   assert set(splits) == {"test", "ood"}
   assert splits["test"]["accuracy"] == pytest.approx(3 / 5)  # without types, yes/no is compared as text
   assert "yes_no" not in splits["ood"] and "by_group" not in splits["ood"]
+
+
+def test_description_metrics_separate_seeing_from_reasoning():
+  reference = ("<think>The image shows 2 shapes on a plain background, from left to right: a small red circle and a "
+               "large blue star. The only star is the large blue star, so its colour is blue.</think>\n"
+               "<answer>blue</answer>")
+  seen_and_reasoned = reference
+  seen_misreasoned = reference.replace("colour is blue.</think>\n<answer>blue", "colour is red.</think>\n<answer>red")
+  misseen = reference.replace("large blue star", "large red star")
+  no_think = "<answer>blue</answer>"
+  one_sentence = "<think>The image shows 2 shapes on a plain background, from left to right: a small red circle and " \
+                 "a large blue star</think><answer>blue</answer>"
+  assert metrics.first_thought(reference) == metrics.first_thought(one_sentence) == (
+      "the image shows 2 shapes on a plain background from left to right a small red circle and a large blue star")
+  assert metrics.first_thought(no_think) is None
+  completions = [seen_and_reasoned, seen_misreasoned, misseen, no_think, one_sentence]
+  correct = metrics.correctness(completions, ["blue"] * 5)
+  assert correct.tolist() == [True, False, True, True, True]  # the misseen one guesses right
+  m = metrics.description_metrics(completions, [reference] * 5, correct)
+  assert m["description_match"] == pytest.approx(3 / 5)
+  assert m["accuracy_given_description"] == pytest.approx(2 / 3)
+  s = metrics.summarize(completions, ["blue"] * 5, reference_cots=[reference] * 5)
+  assert s["description"] == m
+  assert math.isnan(metrics.description_metrics([misseen], [reference], [True])["accuracy_given_description"])
+  with pytest.raises(ValueError, match="same length"):
+    metrics.description_metrics(completions, [reference], correct)
