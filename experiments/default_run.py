@@ -96,9 +96,12 @@ def main(argv):
            f"Accuracy on {EVAL_SPLITS[0]} by answer type:", "",
            report.metric_table(table, {t: f"eval/{EVAL_SPLITS[0]}/accuracy/{t}" for t in scenes.ANSWER_TYPES}), "",
            f"Seeing vs reasoning on {EVAL_SPLITS[0]}: fraction of chains of thought that describe the scene exactly "
-           "as the reference does, and answer accuracy among those (near 1 when answers follow the description):", "",
-           report.metric_table(table, {name: f"eval/{EVAL_SPLITS[0]}/{name}"
-                                       for name in ("description_match", "accuracy_given_description")}), "",
+           "as the reference does, and answer accuracy among those, overall and by answer type (near 1 when the "
+           "answers follow a right description):", "",
+           report.metric_table(table, {"description match": f"eval/{EVAL_SPLITS[0]}/description_match",
+                                       "accuracy given it": f"eval/{EVAL_SPLITS[0]}/accuracy_given_description",
+                                       **{t: f"eval/{EVAL_SPLITS[0]}/accuracy_given_description/{t}"
+                                          for t in scenes.ANSWER_TYPES}}), "",
            f"Curves: {os.path.basename(curves)}; exploration (within-group reward std): "
            f"{os.path.basename(exploration)}; per-run metrics: <method>_seed<seed>_metrics.jsonl."]
   with open(os.path.join(out, "summary.md"), "w") as f:

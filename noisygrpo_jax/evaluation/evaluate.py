@@ -58,16 +58,19 @@ def evaluate_split(model, tokenizer, examples, params, image_config, *, check_im
                    **kwargs) -> dict[str, float]:
   """Flat metrics of one split (`metrics_lib.summarize`): accuracy, format rate, `accuracy/<answer type>` for
   each answer type when the examples carry one, `yes_no_<metric>` when the split has yes/no questions,
-  `description_match` and `accuracy_given_description` when every example carries a reference chain of thought
-  ("cot"), and with `check_images` its `image_reliance` (answers a second time with exchanged images)."""
+  `description_match` and `accuracy_given_description` (overall and `/<answer type>`) when every example
+  carries a reference chain of thought ("cot"), and with `check_images` its `image_reliance` (answers a second
+  time with exchanged images)."""
   completions = answer(model, tokenizer, examples, params, image_config, **kwargs)
   types = [ex.get("answer_type", "") for ex in examples]
   cots = [ex["cot"] for ex in examples] if all(ex.get("cot") for ex in examples) else None
   summary = metrics_lib.summarize(completions, [ex["solution"] for ex in examples], types, reference_cots=cots)
   result = {"accuracy": summary["accuracy"], "format_rate": summary["format_rate"]}
-  result.update({f"accuracy/{t}": v["accuracy"] for t, v in summary["by_answer_type"].items() if t})
-  result.update({f"yes_no_{name}": value for name, value in summary.get("yes_no", {}).items()})
   result.update(summary.get("description", {}))
+  for t, entry in summary["by_answer_type"].items():
+    if t:
+      result.update({f"{name}/{t}": value for name, value in entry.items() if name != "n"})
+  result.update({f"yes_no_{name}": value for name, value in summary.get("yes_no", {}).items()})
   if check_images:
     result["image_reliance"] = image_reliance(model, tokenizer, examples, params, image_config, completions, **kwargs)
   return result

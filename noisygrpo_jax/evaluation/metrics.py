@@ -149,7 +149,7 @@ def summarize(completions: Sequence[str], solutions: Sequence[str], answer_types
   """One split's summary: {"n", "accuracy", "format_rate", "by_answer_type": {type: {"n", "accuracy"}},
   "yes_no": yes_no_metrics over the yes/no examples (when there are any), "by_group": {group: {"n",
   "accuracy"}} (when `groups` is given, e.g. POPE kinds or benchmark categories), "description":
-  description_metrics (when `reference_cots` is given)}."""
+  description_metrics (when `reference_cots` is given; each "by_answer_type" entry then has them too)}."""
   n = _check_lengths(completions=completions, solutions=solutions, answer_types=answer_types, groups=groups,
                      reference_cots=reference_cots)
   types = list(answer_types) if answer_types is not None else [""] * n
@@ -169,6 +169,10 @@ def summarize(completions: Sequence[str], solutions: Sequence[str], answer_types
     summary["by_group"] = by(groups)
   if reference_cots is not None:
     summary["description"] = description_metrics(completions, reference_cots, correct)
+    for t, entry in summary["by_answer_type"].items():
+      chosen = [i for i, x in enumerate(types) if x == t]
+      entry.update(description_metrics([completions[i] for i in chosen], [reference_cots[i] for i in chosen],
+                                       correct[chosen]))
   return summary
 
 

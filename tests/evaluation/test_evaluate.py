@@ -98,8 +98,9 @@ def test_split_metrics_report_description_match_when_examples_carry_reference_ch
                                                                                                 monkeypatch):
   tokenizer, model, params = setting
   cots = [f"<think>A {c} square. So {c}.</think><answer>{c}</answer>" for c in ("red", "blue", "green", "red")]
-  examples = [dict(ex, solution=c, cot=cot) for ex, c, cot in zip(
-      _examples([np.zeros((56, 56, 3), np.uint8)] * 4), ("red", "blue", "green", "red"), cots)]
+  examples = [dict(ex, solution=c, cot=cot, answer_type=t) for ex, c, cot, t in zip(
+      _examples([np.zeros((56, 56, 3), np.uint8)] * 4), ("red", "blue", "green", "red"), cots,
+      ("attribute", "attribute", "attribute", "count"))]
   completions = [cots[0], "<think>A red square. So blue.</think><answer>blue</answer>",
                  "<think>A green square. So red.</think><answer>red</answer>", "<answer>red</answer>"]
   monkeypatch.setattr(evaluate, "answer", lambda *args, **kwargs: completions)
@@ -107,5 +108,9 @@ def test_split_metrics_report_description_match_when_examples_carry_reference_ch
   assert result["accuracy"] == pytest.approx(3 / 4)
   assert result["description_match"] == pytest.approx(2 / 4)  # the first and the third see the square right
   assert result["accuracy_given_description"] == pytest.approx(1 / 2)  # the third then answers wrong
+  assert result["description_match/attribute"] == pytest.approx(2 / 3)
+  assert result["accuracy_given_description/attribute"] == pytest.approx(1 / 2)
+  assert result["description_match/count"] == 0.0 and np.isnan(result["accuracy_given_description/count"])
+  assert result["accuracy/attribute"] == pytest.approx(2 / 3) and result["accuracy/count"] == 1.0
   examples[3] = {k: v for k, v in examples[3].items() if k != "cot"}
   assert "description_match" not in evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG)

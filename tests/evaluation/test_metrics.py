@@ -114,6 +114,12 @@ def test_description_metrics_separate_seeing_from_reasoning():
   assert m["accuracy_given_description"] == pytest.approx(2 / 3)
   s = metrics.summarize(completions, ["blue"] * 5, reference_cots=[reference] * 5)
   assert s["description"] == m
+  s = metrics.summarize(completions, ["blue"] * 5, ["attribute", "attribute", "count", "count", "count"],
+                        reference_cots=[reference] * 5)
+  assert s["by_answer_type"]["attribute"] == {"n": 2, "accuracy": 0.5, "description_match": 1.0,
+                                              "accuracy_given_description": 0.5}
+  assert s["by_answer_type"]["count"] == {"n": 3, "accuracy": 1.0, "description_match": pytest.approx(1 / 3),
+                                          "accuracy_given_description": 1.0}
   assert math.isnan(metrics.description_metrics([misseen], [reference], [True])["accuracy_given_description"])
   with pytest.raises(ValueError, match="same length"):
     metrics.description_metrics(completions, [reference], correct)
