@@ -7,6 +7,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -25,6 +26,24 @@ from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.training import batches, checkpointing, rollouts, setup, train_step, vision_pretrain
 from noisygrpo_jax.training.metrics import MetricsWriter
+
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@functools.lru_cache(maxsize=None)
+def source_fingerprint(directory: str = PACKAGE_DIR) -> str:
+  """sha256 (hex) of every .py file under `directory` (default: this package), names and contents in sorted
+  order: the code that produced a cached result."""
+  digest = hashlib.sha256()
+  for root, dirs, files in os.walk(directory):
+    dirs.sort()
+    for name in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(root, name)
+      digest.update(os.path.relpath(path, directory).encode())
+      with open(path, "rb") as f:
+        digest.update(f.read())
+  return digest.hexdigest()
 
 
 class DataOrder:
@@ -188,16 +207,16 @@ class Run:
     """`evaluate(splits)` of a fresh run's step-0 model.
 
     A run started from train.init_from evaluates that checkpoint, which every run from the same warm start
-    shares, so the result is stored in <init_from>/evaluations/ under a hash of every setting that can change
-    it (checkpoint step, splits, data, model, tokenizer, completion budget, batch size) and reused. Delete that
-    folder after changing the evaluation code.
+    shares, so the result is stored in <init_from>/evaluations/ under a hash of everything that can change it
+    (checkpoint step, splits, data, model, tokenizer, completion budget, batch size, and this package's source)
+    and reused.
     """
     c = self.config
     if not c.train.init_from:
       return self.evaluate(splits)
     settings = {"init_from_step": self.init_from_step, "splits": list(splits), "data": c.data.to_dict(),
                 "model": c.model.to_dict(), "tokenizer": c.tokenizer.to_dict(), "max_new_tokens": c.rl.max_new_tokens,
-                "batch_size": c.train.prompts_per_step * c.rl.group_size}
+                "batch_size": c.train.prompts_per_step * c.rl.group_size, "source": source_fingerprint()}
     text = json.dumps(settings, sort_keys=True, default=str)
     path = os.path.join(c.train.init_from, "evaluations",
                         f"step{self.init_from_step}_{hashlib.sha256(text.encode()).hexdigest()[:16]}.json")

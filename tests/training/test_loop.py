@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from noisygrpo_jax.training import metrics as metrics_lib
+from noisygrpo_jax.training import loops, metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["--config.data.train_size=48", "--config.data.eval_size=8", "--config.rl.max_new_tokens=12",
@@ -112,6 +112,7 @@ def test_runs_from_one_warm_start_share_its_step_0_evaluation_and_may_freeze_wha
   # metrics.jsonl writes an undefined metric (e.g. the precision of no "yes" answers) as null, the cache as NaN.
   assert step0 == [{"step": 0, **{k: None if np.isnan(v) else v for k, v in stored["metrics"].items()}}]
   assert stored["settings"]["max_new_tokens"] == 12 and stored["settings"]["splits"] == ["test"]
+  assert stored["settings"]["source"] == loops.source_fingerprint()  # a code change invalidates the cache
   # The second run reads the stored evaluation (marked here) instead of evaluating the warm start again.
   stored["metrics"]["eval/test/accuracy"] = 0.123456
   with open(cached, "w") as f:
@@ -121,6 +122,20 @@ def test_runs_from_one_warm_start_share_its_step_0_evaluation_and_may_freeze_wha
   step0 = [r for r in metrics_lib.read_jsonl(os.path.join(second, "metrics.jsonl")) if r["step"] == 0]
   assert step0[0]["eval/test/accuracy"] == 0.123456
   assert len(glob.glob(os.path.join(warm, "evaluations", "*.json"))) == 1
+
+
+def test_source_fingerprint_follows_python_sources_only(tmp_path):
+  (tmp_path / "sub").mkdir()
+  (tmp_path / "a.py").write_text("x = 1\n")
+  (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+  first = loops.source_fingerprint(str(tmp_path))
+  (tmp_path / "notes.txt").write_text("not code")
+  assert loops.source_fingerprint.__wrapped__(str(tmp_path)) == first
+  (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+  assert loops.source_fingerprint.__wrapped__(str(tmp_path)) != first
+  (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+  (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "c.py")
+  assert loops.source_fingerprint.__wrapped__(str(tmp_path)) != first
 
 
 def test_misspelled_override_names_the_field(tmp_path):
