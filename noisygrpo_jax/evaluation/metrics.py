@@ -63,19 +63,25 @@ def first_thought(completion: str) -> str | None:
   return None if match is None else normalize_answer(match.group(1))
 
 
-def description_metrics(completions: Sequence[str], reference_cots: Sequence[str],
-                        correct: Sequence[bool]) -> dict[str, float]:
+def description_matches(completions: Sequence[str], reference_cots: Sequence[str]) -> np.ndarray:
+  """bool [N]: whether each completion's first thought (`first_thought`) equals its reference chain of
+  thought's, i.e. describes the scene exactly right."""
+  _check_lengths(completions=completions, reference_cots=reference_cots)
+  references = [first_thought(r) for r in reference_cots]
+  return np.array([(thought := first_thought(c)) is not None and thought == ref
+                   for c, ref in zip(completions, references)], dtype=bool)
+
+
+def description_metrics(match: Sequence[bool], correct: Sequence[bool]) -> dict[str, float]:
   """Does the chain of thought carry the answer? Separates seeing from reasoning.
 
-  Returns "description_match": fraction of completions whose first thought (`first_thought`) equals the
-  reference chain of thought's, i.e. that describe the scene exactly right; and
-  "accuracy_given_description": answer accuracy (from `correct`, bool [N]) over those, NaN when there are none.
-  A model whose answers follow its chain of thought has the latter near 1: its errors are errors of seeing.
+  Args: `match` bool [N] from `description_matches`, `correct` bool [N] answer correctness.
+  Returns "description_match": fraction of completions that describe the scene exactly right, and
+  "accuracy_given_description": answer accuracy over those, NaN when there are none. A model whose answers
+  follow its chain of thought has the latter near 1: its errors are errors of seeing.
   """
-  n = _check_lengths(completions=completions, reference_cots=reference_cots, correct=correct)
-  match = np.array([first_thought(c) is not None and first_thought(c) == first_thought(r)
-                    for c, r in zip(completions, reference_cots)], dtype=bool)
-  correct = np.asarray(correct, dtype=bool)
+  n = _check_lengths(match=match, correct=correct)
+  match, correct = np.asarray(match, dtype=bool), np.asarray(correct, dtype=bool)
   return {"description_match": _ratio(match.sum(), n),
           "accuracy_given_description": _ratio((correct & match).sum(), match.sum())}
 
@@ -168,11 +174,11 @@ def summarize(completions: Sequence[str], solutions: Sequence[str], answer_types
   if groups is not None:
     summary["by_group"] = by(groups)
   if reference_cots is not None:
-    summary["description"] = description_metrics(completions, reference_cots, correct)
+    match = description_matches(completions, reference_cots)
+    summary["description"] = description_metrics(match, correct)
+    type_keys = np.asarray(types, dtype=object)
     for t, entry in summary["by_answer_type"].items():
-      chosen = [i for i, x in enumerate(types) if x == t]
-      entry.update(description_metrics([completions[i] for i in chosen], [reference_cots[i] for i in chosen],
-                                       correct[chosen]))
+      entry.update(description_metrics(match[type_keys == t], correct[type_keys == t]))
   return summary
 
 

@@ -109,7 +109,9 @@ def test_description_metrics_separate_seeing_from_reasoning():
   completions = [seen_and_reasoned, seen_misreasoned, misseen, no_think, one_sentence]
   correct = metrics.correctness(completions, ["blue"] * 5)
   assert correct.tolist() == [True, False, True, True, True]  # the misseen one guesses right
-  m = metrics.description_metrics(completions, [reference] * 5, correct)
+  match = metrics.description_matches(completions, [reference] * 5)
+  assert match.tolist() == [True, True, False, False, True]
+  m = metrics.description_metrics(match, correct)
   assert m["description_match"] == pytest.approx(3 / 5)
   assert m["accuracy_given_description"] == pytest.approx(2 / 3)
   s = metrics.summarize(completions, ["blue"] * 5, reference_cots=[reference] * 5)
@@ -120,6 +122,9 @@ def test_description_metrics_separate_seeing_from_reasoning():
                                               "accuracy_given_description": 0.5}
   assert s["by_answer_type"]["count"] == {"n": 3, "accuracy": 1.0, "description_match": pytest.approx(1 / 3),
                                           "accuracy_given_description": 1.0}
-  assert math.isnan(metrics.description_metrics([misseen], [reference], [True])["accuracy_given_description"])
+  assert math.isnan(metrics.description_metrics(metrics.description_matches([misseen], [reference]),
+                                                [True])["accuracy_given_description"])
   with pytest.raises(ValueError, match="same length"):
-    metrics.description_metrics(completions, [reference], correct)
+    metrics.description_matches(completions, [reference])
+  with pytest.raises(ValueError, match="same length"):
+    metrics.description_metrics(match, correct[:2])
