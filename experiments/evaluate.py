@@ -29,7 +29,8 @@ def run(config):
                 "amber": lambda: benchmark_loaders.load_amber(FLAGS.path, FLAGS.annotations, FLAGS.image_root)}
     params = setup.sampling_params(config, trained.tokenizer, greedy=True)
     results = {f"eval/{FLAGS.benchmark}/{k}": v for k, v in evaluate.evaluate_split(
-        trained.model(), trained.tokenizer, examples[FLAGS.benchmark](), params, setup.image_config(config)).items()}
+        trained.model(), trained.tokenizer, examples[FLAGS.benchmark](), params,
+        setup.image_config(config, trained.model().config.vision)).items()}
   else:
     results = trained.evaluate(FLAGS.splits)
   print(json.dumps({"step": trained.step, **results}, indent=2))

@@ -133,6 +133,7 @@ def test_local_vqa_skips_and_counts_bad_image_rows(tmp_path, caplog):
 # A3. Prompts over the length budget.
 
 WORDS = "What colour is the shape ? Describe every detail of it".split()
+VISION = model_config.small().vision  # the tiny run config's tower
 
 
 def _tokenizer():
@@ -148,13 +149,13 @@ def _examples(image_side=56):
 
 
 def _grids(examples, config):
-  return [image_lib.process_image(ex["image"], setup.image_config(config)).image_grid_thw for ex in examples]
+  return [image_lib.process_image(ex["image"], setup.image_config(config, VISION)).image_grid_thw for ex in examples]
 
 
 def test_prompt_over_budget_names_the_example_and_the_fix():
   config = _run_config(data__max_prompt_tokens=96)
   tok, examples = _tokenizer(), _examples()
-  cfg = setup.rollout_config(config, tok)
+  cfg = setup.rollout_config(config, tok, VISION)
   with pytest.raises(errors.PromptTooLongError) as info:
     rollouts.encode_prompts(tok, cfg, examples, _grids(examples, config))
   message = str(info.value)
@@ -165,9 +166,9 @@ def test_prompt_over_budget_names_the_example_and_the_fix():
 
 def test_largest_prompt_bucket_is_the_budget_without_max_prompt_tokens():
   config = _run_config(data__max_prompt_tokens=0, data__prompt_buckets=(64, 100))
-  cfg = setup.rollout_config(config, _tokenizer())
+  cfg = setup.rollout_config(config, _tokenizer(), VISION)
   assert rollouts.prompt_budget(cfg) == 100
-  assert rollouts.prompt_budget(setup.rollout_config(_run_config(data__max_prompt_tokens=80), _tokenizer())) == 80
+  assert rollouts.prompt_budget(setup.rollout_config(_run_config(data__max_prompt_tokens=80), _tokenizer(), VISION)) == 80
   with pytest.raises(errors.PromptTooLongError, match="example long2: .*max_length=100"):
     rollouts.encode_prompts(_tokenizer(), cfg, _examples(), _grids(_examples(), config))
 
@@ -175,7 +176,7 @@ def test_largest_prompt_bucket_is_the_budget_without_max_prompt_tokens():
 def test_truncate_prompts_cuts_only_the_question_and_counts():
   config = _run_config(data__max_prompt_tokens=96, data__truncate_prompts=True)
   tok, examples = _tokenizer(), _examples()
-  chats = rollouts.encode_prompts(tok, setup.rollout_config(config, tok), examples, _grids(examples, config))
+  chats = rollouts.encode_prompts(tok, setup.rollout_config(config, tok, VISION), examples, _grids(examples, config))
   short, long = chats
   assert short.num_truncated == 0 and len(short) < 96
   assert long.num_truncated > 0 and len(long) == 96  # the longest question prefix that fits
@@ -189,7 +190,7 @@ def test_truncation_cannot_cut_the_image():
   config = _run_config(data__max_prompt_tokens=64, data__truncate_prompts=True, data__max_pixels=112 * 112)
   tok, examples = _tokenizer(), _examples(image_side=112)  # 16 vision tokens + template = 70 > 64
   with pytest.raises(errors.PromptTooLongError) as info:
-    rollouts.encode_prompts(tok, setup.rollout_config(config, tok), examples, _grids(examples, config))
+    rollouts.encode_prompts(tok, setup.rollout_config(config, tok, VISION), examples, _grids(examples, config))
   message = str(info.value)
   assert message.startswith("example short1: even with its question cut away the prompt is ")
   assert "data.max_pixels" in message and "data.truncate_prompts" not in message
@@ -240,7 +241,7 @@ def test_rollouts_with_immediate_eos_train_and_report_failures_and_truncations(m
   config = _run_config(data__max_prompt_tokens=96, data__truncate_prompts=True, rl__max_new_tokens=5,
                        data__prompt_buckets=(96,), rl__rewards=("accuracy_normalized", "format", "flaky"))
   monkeypatch.setitem(rewards.REWARD_FUNCTIONS, "flaky", lambda c, s, q: math.nan if s == "blue" else 0.5)
-  cfg = setup.rollout_config(config, tok)
+  cfg = setup.rollout_config(config, tok, VISION)
   rows, n = len(examples) * cfg.group_size, cfg.sampling.max_new_tokens
 
   def generate(model, prompts, key, params):

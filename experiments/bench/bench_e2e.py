@@ -167,7 +167,7 @@ class OursRL:
     self.mesh = setup.make_mesh(config)
     self.setup = setup.train_setup(config, model, self.mesh)
     self.state = self.setup.state
-    rollout = setup.rollout_config(config, tokenizer)
+    rollout = setup.rollout_config(config, tokenizer, model.config.vision)
     # No EOS: every row samples exactly max_new_tokens; the python reward replaces the config's named ones.
     self.rollout_cfg = dataclasses.replace(rollout, sampling=dataclasses.replace(rollout.sampling, eos_ids=()),
                                            reward_functions=(overlap_reward,))

@@ -195,7 +195,7 @@ class Run:
     params = setup.sampling_params(self.config, self.tokenizer, greedy=True)
     for split in splits:
       examples = setup.load_split(self.config, split)
-      metrics = evaluate.evaluate_split(self.model(), self.tokenizer, examples, params, setup.image_config(self.config),
+      metrics = evaluate.evaluate_split(self.model(), self.tokenizer, examples, params, setup.image_config(self.config, self.model().config.vision),
                                         batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
                                         prompt_buckets=tuple(self.config.data.prompt_buckets),
                                         patch_buckets=tuple(self.config.data.patch_buckets),
@@ -263,7 +263,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   """Trains until train.steps (or `max_steps` more steps); returns the last logged metrics."""
   run = Run(config, "rl")
   c = config
-  rollout_cfg = setup.rollout_config(c, run.tokenizer)
+  rollout_cfg = setup.rollout_config(c, run.tokenizer, run.model().config.vision)
   loss_cfg = setup.loss_config(c)
   chunk = train_step.LossConfig().chunk_size
   logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk, loss_cfg.group_size))
@@ -294,7 +294,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
 
 def sft_batch(config, tokenizer, examples, model_config) -> train_step.TokenBatch:
   """Teacher-forced batch: the RL prompt, and the example's reference chain of thought as the target."""
-  image_cfg = setup.image_config(config)
+  image_cfg = setup.image_config(config, model_config.vision)
   images = [image_lib.process_image(ex["image"], image_cfg) for ex in examples]
   chats = [chat_template.encode_chat(tokenizer, chat_template.vqa_messages(chat_template.cot_question(ex["problem"]),
                                                                             answer=ex["cot"]),
@@ -322,7 +322,7 @@ def pretrain_vision(run: Run) -> None:
   model = run.model()
   cfg = vision_pretrain.VisionPretrainConfig(**c.vision_pretrain.to_dict(), seed=c.train.seed)
   results = vision_pretrain.pretrain_vision(model, run.train_examples, setup.load_split(c, "test"),
-                                            setup.image_config(c), cfg, patch_buckets=tuple(c.data.patch_buckets))
+                                            setup.image_config(c, model.config.vision), cfg, patch_buckets=tuple(c.data.patch_buckets))
   params = jax.device_put(nnx.to_pure_dict(nnx.state(model)), run.setup.state_shardings.params)
   run.state = run.state.replace(params=params)
   run.writer.write(0, {f"vision_pretrain/{k}": v for k, v in results.items()})

@@ -101,12 +101,12 @@ def model_config(config, tokenizer) -> model_config_lib.Qwen25VLConfig:
   return model_config_lib.PRESETS[config.model.preset](**runtime)
 
 
-def run_shape(config) -> memory.RunShape:
-  """The sizes of one RL step that its memory depends on, from the run config."""
+def run_shape(config, vision: model_config_lib.VisionConfig) -> memory.RunShape:
+  """The sizes of one RL step that its memory depends on, from the run config and the model's vision tower."""
   d, rl, tr = config.data, config.rl, config.train
   buckets = tuple(d.prompt_buckets)
   longest = memory.smallest_bucket(d.max_prompt_tokens, buckets) if d.max_prompt_tokens else max(buckets)
-  image = image_config(config)
+  image = image_config(config, vision)
   patches = memory.patches_for(d.max_pixels, image.patch_size, image.merge_size**2)
   return memory.RunShape(rows=tr.prompts_per_step * rl.group_size, prompt_len=longest,
                          max_new_tokens=rl.max_new_tokens, patches=memory.smallest_bucket(patches, d.patch_buckets),
@@ -118,7 +118,7 @@ def run_shape(config) -> memory.RunShape:
 def check_memory(config, model_cfg: model_config_lib.Qwen25VLConfig, mesh_shape) -> memory.MemoryEstimate:
   """Prints the per-device memory estimate; raises MemoryBudgetError when it exceeds the device (unless
   train.memory_check=False, which only warns)."""
-  run = run_shape(config)
+  run = run_shape(config, model_cfg.vision)
   est = memory.estimate(model_cfg, run, mesh_shape)
   limit, source = memory.device_memory_bytes()
   if jax.process_index() == 0:
@@ -149,11 +149,15 @@ def sampling_params(config, tokenizer, greedy: bool = False) -> sampler.Sampling
                                 top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos, pad_id=tokenizer.pad_id)
 
 
-def image_config(config) -> image_lib.ImageProcessorConfig:
-  return image_lib.ImageProcessorConfig(min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels)
+def image_config(config, vision: model_config_lib.VisionConfig) -> image_lib.ImageProcessorConfig:
+  """The resize budget from data.*, and the patch geometry of the model's vision tower (a processor with another
+  patch or merge size would hand the tower patches of the wrong size or token counts it cannot merge)."""
+  return image_lib.ImageProcessorConfig(min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels,
+                                        patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+                                        merge_size=vision.spatial_merge_size)
 
 
-def rollout_config(config, tokenizer) -> rollouts.RolloutConfig:
+def rollout_config(config, tokenizer, vision: model_config_lib.VisionConfig) -> rollouts.RolloutConfig:
   rl = config.rl
   hyper = dict(r_value=rl.r_value, p_alpha=rl.p_alpha) if rl.advantage == "noisygrpo" else {}
   return rollouts.RolloutConfig(
@@ -161,7 +165,7 @@ def rollout_config(config, tokenizer) -> rollouts.RolloutConfig:
       noise_schedule=rl.noise.schedule, noise_quantize=rl.noise.quantize, noise_anneal=rl.noise.anneal,
       advantage=rl.advantage, advantage_hyper=hyper, reward_functions=tuple(rl.rewards),
       mask_noise_correct=rl.mask_noise_correct, sampling=sampling_params(config, tokenizer),
-      image=image_config(config), prompt_buckets=tuple(config.data.prompt_buckets),
+      image=image_config(config, vision), prompt_buckets=tuple(config.data.prompt_buckets),
       patch_buckets=tuple(config.data.patch_buckets), max_prompt_tokens=config.data.max_prompt_tokens,
       truncate_prompts=config.data.truncate_prompts)
 

@@ -57,7 +57,7 @@ def main(workdir, data_dir, out, n=1000):
   tokenizer, model = run.tokenizer, run.model()
   examples = setup.load_split(config, "test")[:n]
   params = setup.sampling_params(config, tokenizer, greedy=True)
-  image_config = setup.image_config(config)
+  image_config = setup.image_config(config, model.config.vision)
   completions = []
   for start in range(0, len(examples), BATCH):
     chunk = list(examples[start:start + BATCH])

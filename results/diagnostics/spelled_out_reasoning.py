@@ -74,9 +74,10 @@ def copy_rate():
     c.train.workdir, c.data.data_dir, c.rl.max_new_tokens = WORKDIR, DATA, 104
   run = loops.Run(c, "eval")
   examples = [e for e in setup.load_split(c, "test") if e["answer_type"] == "yes_no"]
-  completions = evaluate.answer(run.model(), run.tokenizer, examples, setup.sampling_params(c, run.tokenizer, True),
-                                setup.image_config(c), batch_size=32, prompt_buckets=tuple(c.data.prompt_buckets),
-                                patch_buckets=tuple(c.data.patch_buckets))
+  model = run.model()
+  completions = evaluate.answer(model, run.tokenizer, examples, setup.sampling_params(c, run.tokenizer, True),
+                                setup.image_config(c, model.config.vision), batch_size=32,
+                                prompt_buckets=tuple(c.data.prompt_buckets), patch_buckets=tuple(c.data.patch_buckets))
   asked = [re.match(r"Is there a (\w+) (\w+)", e["problem"]).groups() for e in examples]
   said = [re.search(r"Is there a (\w+) (\w+)\?", text) for text in completions]
   said = [m.groups() if m else (None, None) for m in said]

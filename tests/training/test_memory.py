@@ -11,6 +11,7 @@ from flax import nnx
 
 from noisygrpo_jax import sharding
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config
+from noisygrpo_jax.processing import image as image_lib
 from noisygrpo_jax.sampling import sampler
 from noisygrpo_jax.training import memory, optimizer as optimizer_lib, setup
 from tests.models import hf_reference as ref
@@ -120,3 +121,17 @@ def test_tiny_run_fits_this_machine():
   assert limit > 0 and source
   est = setup.check_memory(config, setup.model_config(config, list(range(512))), ONE_DEVICE)
   assert 0 < est.peak < limit
+
+
+def test_image_processing_follows_the_vision_towers_patch_geometry():
+  config = _run_config("tiny")
+  config.data.min_pixels, config.data.max_pixels = 32 * 32, 64 * 64
+  vision = dataclasses.replace(model_config.small().vision, patch_size=16, temporal_patch_size=1,
+                               spatial_merge_size=1)
+  image = setup.image_config(config, vision)
+  assert (image.patch_size, image.temporal_patch_size, image.merge_size) == (16, 1, 1)
+  processed = image_lib.process_image(np.zeros((64, 64, 3), np.uint8), image)
+  assert processed.image_grid_thw.tolist() == [[1, 4, 4]]  # 64 px / 16 px patches, not / 14
+  assert processed.pixel_values.shape == (16, 3 * 1 * 16 * 16)
+  assert processed.num_tokens.tolist() == [16]  # merge size 1: one token per patch
+  assert setup.run_shape(config, vision).patches == memory.smallest_bucket(16, config.data.patch_buckets)
