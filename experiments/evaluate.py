@@ -28,9 +28,10 @@ def run(config):
                 "pope": lambda: benchmark_loaders.load_pope(FLAGS.path, FLAGS.image_root),
                 "amber": lambda: benchmark_loaders.load_amber(FLAGS.path, FLAGS.annotations, FLAGS.image_root)}
     params = setup.sampling_params(config, trained.tokenizer, greedy=True)
+    model = trained.model()
     results = {f"eval/{FLAGS.benchmark}/{k}": v for k, v in evaluate.evaluate_split(
-        trained.model(), trained.tokenizer, examples[FLAGS.benchmark](), params,
-        setup.image_config(config, trained.model().config.vision)).items()}
+        model, trained.tokenizer, examples[FLAGS.benchmark](), params,
+        setup.image_config(config, model.config.vision)).items()}
   else:
     results = trained.evaluate(FLAGS.splits)
   print(json.dumps({"step": trained.step, **results}, indent=2))

@@ -193,9 +193,11 @@ class Run:
     """Greedy metrics per split; the first split also reports `image_reliance` (does the model look?)."""
     results = {}
     params = setup.sampling_params(self.config, self.tokenizer, greedy=True)
+    model = self.model()
+    image_cfg = setup.image_config(self.config, model.config.vision)
     for split in splits:
       examples = setup.load_split(self.config, split)
-      metrics = evaluate.evaluate_split(self.model(), self.tokenizer, examples, params, setup.image_config(self.config, self.model().config.vision),
+      metrics = evaluate.evaluate_split(model, self.tokenizer, examples, params, image_cfg,
                                         batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
                                         prompt_buckets=tuple(self.config.data.prompt_buckets),
                                         patch_buckets=tuple(self.config.data.patch_buckets),
@@ -322,7 +324,8 @@ def pretrain_vision(run: Run) -> None:
   model = run.model()
   cfg = vision_pretrain.VisionPretrainConfig(**c.vision_pretrain.to_dict(), seed=c.train.seed)
   results = vision_pretrain.pretrain_vision(model, run.train_examples, setup.load_split(c, "test"),
-                                            setup.image_config(c, model.config.vision), cfg, patch_buckets=tuple(c.data.patch_buckets))
+                                            setup.image_config(c, model.config.vision), cfg,
+                                            patch_buckets=tuple(c.data.patch_buckets))
   params = jax.device_put(nnx.to_pure_dict(nnx.state(model)), run.setup.state_shardings.params)
   run.state = run.state.replace(params=params)
   run.writer.write(0, {f"vision_pretrain/{k}": v for k, v in results.items()})
