@@ -16,10 +16,13 @@ from noisygrpo_jax.sampling import sampler
 
 def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], params: sampler.SamplingParams,
            image_config: image_lib.ImageProcessorConfig, *, batch_size: int = 16, key=None,
-           prompt_buckets=(), patch_buckets=()) -> list[str]:
+           prompt_buckets=(), patch_buckets=(),
+           encode_prompts=chat_template.encode_vqa_prompts) -> list[str]:
   """One completion per example (greedy unless `params` samples), decoded without special tokens.
 
-  The last batch is padded with repeats of its first example so every batch has the same shape.
+  `encode_prompts(tokenizer, examples, image_grids)` makes the prompts (default: the question with the reasoning
+  instruction, then the assistant turn opener). The last batch is padded with repeats of its first example so
+  every batch has the same shape.
   """
   key = jax.random.key(0) if key is None else key
   completions = []
@@ -28,7 +31,7 @@ def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], para
     real = len(chunk)
     chunk += [chunk[0]] * (batch_size - real)
     images = [image_lib.process_image(ex["image"], image_config) for ex in chunk]
-    chats = chat_template.encode_vqa_prompts(tokenizer, chunk, [im.image_grid_thw for im in images])
+    chats = encode_prompts(tokenizer, chunk, [im.image_grid_thw for im in images])
     prompts = collate.collate_prompts(chats, images, model.config, pad_id=tokenizer.pad_id,
                                       prompt_buckets=prompt_buckets, patch_buckets=patch_buckets)
     out = sampler.generate(model, prompts, jax.random.fold_in(key, start), params)

@@ -21,32 +21,36 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [os.path.join(ROOT, "configs"), ROOT]
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import sft as sft_config  # noqa: E402
 from noisygrpo_jax.data import scenes  # noqa: E402
 from noisygrpo_jax.evaluation import evaluate, metrics  # noqa: E402
-from noisygrpo_jax.processing import chat_template, collate, image as image_lib  # noqa: E402
-from noisygrpo_jax.sampling import sampler  # noqa: E402
+from noisygrpo_jax.processing import chat_template  # noqa: E402
 from noisygrpo_jax.training import loops, setup  # noqa: E402
 
 BATCH = 32
 PROMPT_BUCKETS = (128, 160, 192)  # the RL prompt plus a description of up to 6 shapes
 
 
-def described_prompt(tokenizer, example, image):
-  """The evaluation prompt followed by "<think>" and the example's reference scene description."""
-  question = chat_template.cot_question(example["problem"])
-  prompt = chat_template.encode_chat(tokenizer, chat_template.vqa_messages(question), image.image_grid_thw,
-                                     add_generation_prompt=True)
-  prefix = "<think>" + scenes.caption(json.loads(example["scene"]))
-  prefix_ids = np.asarray(tokenizer.encode(prefix), np.int32)
-  full = chat_template.encode_chat(tokenizer, chat_template.vqa_messages(question, answer=example["cot"]),
-                                   image.image_grid_thw)
-  if not np.array_equal(full.input_ids[len(prompt):len(prompt) + len(prefix_ids)], prefix_ids):
-    raise ValueError(f"example {example.get('id')}: the description does not tokenise as in the training target")
-  ids = np.concatenate([prompt.input_ids, prefix_ids])
-  return chat_template.EncodedChat(ids, np.zeros(len(ids), bool), prompt.num_vision_tokens), prefix
+def caption_prefix(example) -> str:
+  """"<think>" and the example's reference scene description (the first sentence of its chain of thought)."""
+  return "<think>" + scenes.caption(json.loads(example["scene"]))
+
+
+def described_prompts(tokenizer, examples, image_grids):
+  """`evaluate.answer`'s prompts, each followed by its example's `caption_prefix`."""
+  chats = []
+  for example, grid in zip(examples, image_grids):
+    question = chat_template.cot_question(example["problem"])
+    prompt = chat_template.encode_chat(tokenizer, chat_template.vqa_messages(question), grid,
+                                       add_generation_prompt=True)
+    prefix_ids = np.asarray(tokenizer.encode(caption_prefix(example)), np.int32)
+    full = chat_template.encode_chat(tokenizer, chat_template.vqa_messages(question, answer=example["cot"]), grid)
+    if not np.array_equal(full.input_ids[len(prompt):len(prompt) + len(prefix_ids)], prefix_ids):
+      raise ValueError(f"example {example.get('id')}: the description does not tokenise as in the training target")
+    ids = np.concatenate([prompt.input_ids, prefix_ids])
+    chats.append(chat_template.EncodedChat(ids, np.zeros(len(ids), bool), prompt.num_vision_tokens))
+  return chats
 
 
 def main(workdir, data_dir, out, n=1000):
@@ -58,19 +62,10 @@ def main(workdir, data_dir, out, n=1000):
   examples = setup.load_split(config, "test")[:n]
   params = setup.sampling_params(config, tokenizer, greedy=True)
   image_config = setup.image_config(config, model.config.vision)
-  completions = []
-  for start in range(0, len(examples), BATCH):
-    chunk = list(examples[start:start + BATCH])
-    real = len(chunk)
-    chunk += [chunk[0]] * (BATCH - real)
-    images = [image_lib.process_image(ex["image"], image_config) for ex in chunk]
-    chats, prefixes = zip(*(described_prompt(tokenizer, ex, im) for ex, im in zip(chunk, images)))
-    prompts = collate.collate_prompts(list(chats), images, model.config, pad_id=tokenizer.pad_id,
-                                      prompt_buckets=PROMPT_BUCKETS, patch_buckets=tuple(config.data.patch_buckets))
-    out_tokens = sampler.generate(model, prompts, jax.random.key(0), params)
-    tokens, mask = np.asarray(out_tokens.tokens)[:real], np.asarray(out_tokens.mask)[:real]
-    texts = tokenizer.decode_batch([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
-    completions += [p + ("" if t.startswith(" ") else " ") + t for p, t in zip(prefixes[:real], texts)]
+  continued = evaluate.answer(model, tokenizer, examples, params, image_config, batch_size=BATCH,
+                              prompt_buckets=PROMPT_BUCKETS, patch_buckets=tuple(config.data.patch_buckets),
+                              encode_prompts=described_prompts)
+  completions = [caption_prefix(e) + ("" if t.startswith(" ") else " ") + t for e, t in zip(examples, continued)]
   own = evaluate.answer(model, tokenizer, examples, params, image_config, batch_size=BATCH,
                         prompt_buckets=tuple(config.data.prompt_buckets), patch_buckets=tuple(config.data.patch_buckets))
   solutions, types = [e["solution"] for e in examples], [e["answer_type"] for e in examples]

@@ -114,3 +114,20 @@ def test_split_metrics_report_description_match_when_examples_carry_reference_ch
   assert result["accuracy/attribute"] == pytest.approx(2 / 3) and result["accuracy/count"] == 1.0
   examples[3] = {k: v for k, v in examples[3].items() if k != "cot"}
   assert "description_match" not in evaluate.evaluate_split(model, tokenizer, examples, params, IMAGE_CONFIG)
+
+
+def test_answer_builds_its_prompts_with_the_given_encoder(setting):
+  tokenizer, model, params = setting
+  images = [np.full((56, 56, 3), v, np.uint8) for v in (30, 90, 150, 210, 250)]
+  examples = _examples(images)
+  rewritten = [dict(ex, problem="What colour is the shape ? red blue") for ex in examples]
+  calls = []
+
+  def encode(tok, chunk, grids):
+    calls.append((len(chunk), len(grids)))
+    return chat_template.encode_vqa_prompts(tok, [dict(ex, problem="What colour is the shape ? red blue")
+                                                  for ex in chunk], grids)
+
+  got = evaluate.answer(model, tokenizer, examples, params, IMAGE_CONFIG, batch_size=4, encode_prompts=encode)
+  assert calls == [(4, 4), (4, 4)]  # every batch, the last one padded to the batch size
+  assert got == _answer(setting, rewritten)
