@@ -119,21 +119,26 @@ def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0) -> jax.A
 
 
 def per_token_policy_loss(logps, old_logps, advantages, *, ref_logps=None, eps_low: float = 0.2,
-                          eps_high: float = 0.2, kl_estimator: str = "k3"):
-  """The unmasked per-token terms, float32 [B, T]: (pg, kl, ratio, clipped_low, clipped_high).
+                          eps_high: float = 0.2, kl_estimator: str = "k3", mask=None):
+  """The per-token terms, float32 [B, T]: (pg, kl, ratio, clipped_low, clipped_high).
 
   pg = -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A); kl is the chosen estimator (0 when
   ref_logps is None). clipped_low/high flag tokens where the clip is the active branch: A < 0 with
   ratio < 1 - eps_low, and A > 0 with ratio > 1 + eps_high (only there is the gradient cut).
+
+  mask: optional [B, T]; where it is 0 (padding) the log-prob differences are set to 0 before the exponentials,
+  so whatever log-probs padding holds give ratio 1 and kl 0 there, never inf or NaN (which a later
+  multiplication by the mask would not remove, in the loss or in its gradient).
   """
   if kl_estimator not in KL_ESTIMATORS:
     raise ValueError(f"unknown KL estimator {kl_estimator!r}; choose one of {sorted(KL_ESTIMATORS)}")
   logps = jnp.asarray(logps, jnp.float32)
-  old_logps = jnp.asarray(old_logps, jnp.float32)
+  valid = True if mask is None else jnp.asarray(mask) > 0
+  masked_difference = lambda other: jnp.where(valid, jnp.asarray(other, jnp.float32) - logps, 0.0)
   adv = jnp.asarray(advantages, jnp.float32)
   if adv.ndim == logps.ndim - 1:
     adv = adv[..., None]  # one advantage per sequence, broadcast over its tokens
-  ratio = jnp.exp(logps - old_logps)
+  ratio = jnp.exp(-masked_difference(old_logps))
   unclipped = ratio * adv
   clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
   pg = -jnp.minimum(unclipped, clipped)
@@ -142,7 +147,9 @@ def per_token_policy_loss(logps, old_logps, advantages, *, ref_logps=None, eps_l
   if ref_logps is None:
     kl = jnp.zeros_like(logps)
   else:
-    kl = KL_ESTIMATORS[kl_estimator](logps, jnp.asarray(ref_logps, jnp.float32))
+    # Every estimator is a function of logp_ref - logp alone: evaluate it at (0, the masked difference).
+    ref_minus_logp = masked_difference(ref_logps)
+    kl = KL_ESTIMATORS[kl_estimator](jnp.zeros_like(ref_minus_logp), ref_minus_logp)
   return pg, kl, ratio, jnp.broadcast_to(clipped_low, logps.shape), jnp.broadcast_to(clipped_high, logps.shape)
 
 
@@ -171,10 +178,10 @@ def policy_loss_terms(logps, old_logps, advantages, completion_mask, *, ref_logp
   if aggregation not in AGGREGATION_MODES:
     raise ValueError(f"unknown aggregation mode {aggregation!r}; choose one of {sorted(AGGREGATION_MODES)}")
   logps = jnp.asarray(logps, jnp.float32)
+  mask = jnp.broadcast_to(jnp.asarray(completion_mask), logps.shape).astype(jnp.float32)
   pg, kl, ratio, clip_low, clip_high = per_token_policy_loss(
       logps, old_logps, advantages, ref_logps=ref_logps, eps_low=eps_low, eps_high=eps_high,
-      kl_estimator=kl_estimator)
-  mask = jnp.broadcast_to(jnp.asarray(completion_mask), logps.shape).astype(jnp.float32)
+      kl_estimator=kl_estimator, mask=mask)
   if trajectory_mask is None:
     trajectory_mask = jnp.ones(logps.shape[:-1], jnp.float32)
   tau = jnp.asarray(trajectory_mask, jnp.float32)[..., None]

@@ -191,6 +191,27 @@ def test_aggregate_and_padding_rows():
     obj.aggregate(loss, mask, "mean")
 
 
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+def test_extreme_log_probs_on_padding_never_give_nan(kl):
+  """Padded positions (mask 0) may hold any log-probs: differences of 1e4 to the old and reference policies make
+  the ratio's and k3's exponentials overflow to inf there, which times a mask of 0 would be NaN. The loss and its gradient must be finite and
+  equal to those of the same batch with harmless padding values."""
+  pad = 1 - np.asarray(MASK)
+  extreme_old = np.where(pad, -1e4, np.asarray(OLD))
+  extreme_ref = np.where(pad, 1e4, np.asarray(REF))
+
+  def loss(logps, old, ref):
+    return obj.policy_loss(logps, old, jnp.array(ADV), jnp.array(MASK), ref_logps=ref, eps_low=EPS_LOW,
+                           eps_high=EPS_HIGH, beta=BETA, kl_estimator=kl)[0]
+
+  value, grad = jax.value_and_grad(loss)(jnp.array(LOGPS), jnp.array(extreme_old), jnp.array(extreme_ref))
+  clean_value, clean_grad = jax.value_and_grad(loss)(jnp.array(LOGPS), jnp.array(OLD), jnp.array(REF))
+  assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_allclose(float(value), float(clean_value), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(clean_grad), rtol=1e-6, atol=1e-7)
+  assert np.all(np.asarray(grad)[pad > 0] == 0)
+
+
 def test_errors():
   with pytest.raises(ValueError, match="needs ref_logps"):
     obj.policy_loss(jnp.array(LOGPS), jnp.array(OLD), jnp.array(ADV), jnp.array(MASK), beta=0.04)
