@@ -14,8 +14,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.preset = "small"  # architecture without a checkpoint: tiny | small | qwen2_5_vl_3b | qwen2_5_vl_7b
   c.model.checkpoint = ""  # local HF Qwen2.5-VL directory (config.json + safetensors); overrides preset
-  c.model.dtype = "float32"  # parameter dtype: float32 | bfloat16
-  c.model.compute_dtype = ""  # "" = the parameter dtype; "bfloat16" with float32 params = bf16 compute, f32 master
+  # Mixed precision (noisygrpo_jax/training/params.py): bf16 master weights lose 1e-6 updates, keep dtype float32.
+  c.model.dtype = "float32"  # trainable (master) weights, their gradients and AdamW moments: float32 | bfloat16
+  c.model.compute_dtype = ""  # "" = dtype | bfloat16: forward/backward, rollouts + KV cache, reference, frozen tower
   c.model.remat = False  # rematerialise decoder layers and vision blocks in the backward pass
   c.model.vocab_size = 512  # tiny/small presets: vocabulary of the word-level tokenizer
 
@@ -121,7 +122,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def real(preset: str):
   def apply(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.preset = preset
-    c.model.dtype = "bfloat16"
+    c.model.dtype = "float32"  # master weights and moments, as DeepSpeed bf16 (the original) keeps them
+    c.model.compute_dtype = "bfloat16"
     c.model.remat = True
     c.tokenizer.kind = "checkpoint"
     c.data.name = "local_vqa"

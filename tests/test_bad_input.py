@@ -291,11 +291,11 @@ def test_train_step_with_empty_completions_is_not_skipped():
   step = jax.jit(step)
   mask = np.asarray(batch.completion_mask).copy()
   mask[0] = 0
-  one_empty, metrics = step(state, batch.replace(completion_mask=mask))
+  one_empty, metrics, _ = step(state, batch.replace(completion_mask=mask))
   assert float(metrics["skipped"]) == 0.0 and np.isfinite(float(metrics["loss"]))
   assert int(one_empty.step) == 1
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(one_empty.params))
-  all_empty, metrics = step(state, batch.replace(completion_mask=np.zeros_like(mask)))
+  all_empty, metrics, _ = step(state, batch.replace(completion_mask=np.zeros_like(mask)))
   assert float(metrics["skipped"]) == 0.0 and float(metrics["loss"]) == 0.0
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(all_empty.params))
 

@@ -50,11 +50,11 @@ from common import (REPO, Stopwatch, command_line, load_average, machine, peak_r
                     stats, summary_row, write_json, write_markdown)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg  # noqa: E402
+from noisygrpo_jax.training import params as params_lib  # noqa: E402
 from tests.models import hf_reference  # noqa: E402
 
 MD_BEGIN, MD_END = "<!-- bench_e2e:begin -->", "<!-- bench_e2e:end -->"
@@ -165,8 +165,7 @@ class OursRL:
     from noisygrpo_jax.training import setup, train_step
     self.config, self.tokenizer = config, tokenizer
     self.mesh = setup.make_mesh(config)
-    self.setup = setup.train_setup(config, model, self.mesh)
-    self.state = self.setup.state
+    self.setup, self.state = setup.train_setup(config, model, self.mesh)
     rollout = setup.rollout_config(config, tokenizer, model.config.vision)
     # No EOS: every row samples exactly max_new_tokens; the python reward replaces the config's named ones.
     self.rollout_cfg = dataclasses.replace(rollout, sampling=dataclasses.replace(rollout.sampling, eos_ids=()),
@@ -174,7 +173,10 @@ class OursRL:
     self.loss_cfg = setup.loss_config(config)
     self.logps = jax.jit(train_step.logps_fn(self.setup.graphdef, train_step.LossConfig().chunk_size,
                                              self.loss_cfg.group_size))
-    self.reference = jax.tree.map(jnp.copy, self.state.params)  # the state is donated to every update
+    # The reference: a copy of the initial trainable parameters (the state is donated to every update) and the
+    # state's frozen ones.
+    self.reference = params_lib.combine(params_lib.copy_as(self.state.params, config.model.compute_dtype),
+                                        self.state.frozen)
     self.jitted_step = None
     self.key = jax.random.key(config.train.seed)
 
@@ -183,15 +185,16 @@ class OursRL:
     from noisygrpo_jax.training import train_step
     batch_sh = train_step.batch_shardings(batch, self.mesh)
     if self.jitted_step is None:
-      fn = train_step.make_train_step(self.setup.graphdef, self.setup.optimizer, self.setup.frozen, self.loss_cfg)
+      fn = train_step.make_train_step(self.setup.graphdef, self.setup.optimizer, self.loss_cfg)
       self.jitted_step = train_step.jit_train_step(fn, self.setup.state_shardings, batch_sh, self.mesh)
-    self.state, metrics = self.jitted_step(self.state, jax.device_put(batch, batch_sh))
+    self.state, metrics, _ = self.jitted_step(self.state, jax.device_put(batch, batch_sh))
     return {k: float(v) for k, v in metrics.items()}
 
   def step(self, examples: list[dict], index: int) -> dict:
     from noisygrpo_jax.training import rollouts
     watch = Stopwatch()
-    model = nnx.merge(self.setup.graphdef, self.state.params)
+    model = nnx.merge(self.setup.graphdef, params_lib.combine(
+        params_lib.cast(self.state.params, self.config.model.compute_dtype), self.state.frozen))
     r = rollouts.generate_rollouts(model, self.tokenizer, self.rollout_cfg, examples,
                                    jax.random.fold_in(self.key, index), index, self.config.train.steps)
     rollout_s, _ = watch.lap()

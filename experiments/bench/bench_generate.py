@@ -528,15 +528,16 @@ def train_trial(config, rows: int, grid, text_len, completion: int, steps: int) 
   frozen, AdamW with clipping, the state donated. Raises the XLA error when the device runs out of memory.
   """
   from noisygrpo_jax.training import optimizer as opt_lib
+  from noisygrpo_jax.training import params as params_lib
   from noisygrpo_jax.training import train_step as ts
   graphdef, model_state = nnx.split(nnx.jit(lambda: Qwen25VL(config, nnx.Rngs(0)))())
-  params = nnx.to_pure_dict(model_state)
+  trainable, frozen = params_lib.partition(nnx.to_pure_dict(model_state), freeze_vision=True)
   del model_state
-  labels = opt_lib.parameter_labels(params, freeze_vision=True)
-  optimizer = opt_lib.make_optimizer(labels, learning_rate=1e-6, total_steps=10**6, decay="constant")
-  step_fn = ts.make_train_step(graphdef, optimizer, opt_lib.frozen_mask(labels), ts.LossConfig(beta=0.04))
-  state = ts.TrainState(step=jnp.int32(0), params=params, opt_state=jax.jit(optimizer.init)(params))
-  del params
+  optimizer = opt_lib.make_optimizer(1e-6)
+  step_fn = ts.make_train_step(graphdef, optimizer, ts.LossConfig(beta=0.04))
+  state = ts.TrainState(step=jnp.int32(0), params=trainable, opt_state=jax.jit(optimizer.init)(trainable),
+                        frozen=frozen)
+  del trainable, frozen
   batch = jax.device_put(train_batch(config, rows, grid, text_len, completion))
   seq = int(batch.input_ids.shape[1])
   watch = Stopwatch()
@@ -548,7 +549,7 @@ def train_trial(config, rows: int, grid, text_len, completion: int, steps: int) 
   try:
     for i in range(steps + 1):  # the first run warms up
       watch.lap()
-      state, metrics = compiled(state, batch)
+      state, metrics, _ = compiled(state, batch)
       jax.block_until_ready(metrics)
       if i:
         times.append(watch.lap()[0])

@@ -201,6 +201,7 @@ def bench_step(name: str, warmup: int, repeats: int, freeze_vision: bool, torch_
                extra_threads: list[int]) -> dict:
   from flax import nnx
   from noisygrpo_jax.training import optimizer as opt_lib
+  from noisygrpo_jax.training import params as params_lib
   from noisygrpo_jax.training import train_step as ts
   from tests.models import hf_reference as ref
   make_config, rows, grid, text_len, completion, seed = MODELS[name]
@@ -220,12 +221,13 @@ def bench_step(name: str, warmup: int, repeats: int, freeze_vision: bool, torch_
       np.float32)
   batch = jax.device_put(batch.replace(ref_logps=ref_logps))
 
-  labels = opt_lib.parameter_labels(params, freeze_vision)
-  optimizer = opt_lib.make_optimizer(labels, learning_rate=LEARNING_RATE, total_steps=10**6, decay="constant",
-                                     max_grad_norm=MAX_GRAD_NORM)
+  trainable, frozen = params_lib.partition(params, freeze_vision)
+  ts_params = lambda state: params_lib.combine(state.params, state.frozen)
+  optimizer = opt_lib.make_optimizer(LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM)
   loss_cfg = ts.LossConfig(beta=BETA, kl_estimator="k3", aggregation="sequence_mean_token_mean")
-  step_fn = ts.make_train_step(graphdef, optimizer, opt_lib.frozen_mask(labels), loss_cfg)
-  state = ts.TrainState(step=jnp.int32(0), params=params, opt_state=jax.jit(optimizer.init)(params))
+  step_fn = ts.make_train_step(graphdef, optimizer, loss_cfg)
+  state = ts.TrainState(step=jnp.int32(0), params=trainable, opt_state=jax.jit(optimizer.init)(trainable),
+                        frozen=frozen)
   watch = Stopwatch()
   compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
   compile_s, _ = watch.lap()
@@ -237,16 +239,13 @@ def bench_step(name: str, warmup: int, repeats: int, freeze_vision: bool, torch_
   ours_losses = []
 
   def ours_step():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics, _ = compiled(holder["state"], batch)
     ours_losses.append(float(jax.block_until_ready(metrics)["loss"]))
 
   # Ours by phase, for the where-the-time-goes table: the loss gradient alone (forward + backward, as in the
   # step), and the forward alone (the log-probs without autodiff).
-  frozen = opt_lib.frozen_mask(labels)
-
-  def loss_fn(params, batch):
-    params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-    num, _, _ = ts.loss_terms(nnx.merge(graphdef, params), batch, loss_cfg)
+  def loss_fn(trainable, frozen, batch):
+    num, _, _, _ = ts.loss_terms(nnx.merge(graphdef, params_lib.combine(trainable, frozen)), batch, loss_cfg)
     return num / jnp.maximum(ts.denominator(batch, loss_cfg), 1e-9)
 
   grad = jax.jit(jax.grad(loss_fn))
@@ -254,20 +253,19 @@ def bench_step(name: str, warmup: int, repeats: int, freeze_vision: bool, torch_
   torch_step = torch_step_fn(hf, config, raw, ref_logps, freeze_vision, torch_phases)
   torch_losses = []
   fns = {"ours (jax.jit)": ours_step, f"PyTorch ({torch_attn})": lambda: torch_losses.append(torch_step()),
-         "ours: loss gradient only": lambda: jax.block_until_ready(grad(holder["state"].params, batch)),
-         "ours: forward only": lambda: jax.block_until_ready(forward(holder["state"].params, batch))}
+         "ours: loss gradient only": lambda: jax.block_until_ready(grad(holder["state"].params,
+                                                                        holder["state"].frozen, batch)),
+         "ours: forward only": lambda: jax.block_until_ready(forward(ts_params(holder["state"]), batch))}
   for threads in extra_threads:  # the same model and optimizer, stepped with fewer torch threads
     fns[f"PyTorch ({torch_attn}, {threads} thread{'s' * (threads != 1)})"] = with_threads(threads, torch_step)
   times = timed(fns, warmup, repeats)
   torch_phases = torch_phases[-repeats * (1 + len(extra_threads)):]  # the timed calls
   tokens = int(np.prod(batch.input_ids.shape))
   n_params = lambda tree: sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
-  trainable = sum(int(np.prod(np.shape(p))) for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
-                  if l == opt_lib.TRAINABLE)
   model_flops = train_step_flops(config, rows, batch.input_ids.shape[1], completion, int(np.prod(grid)),
                                  train_vision=not freeze_vision)
   return dict(name=name, rows=rows, seq=batch.input_ids.shape[1], prompt=raw["ids"].shape[1], completion=completion,
-              tokens=tokens, params=n_params(params), trainable=trainable, flops=flops, compile_s=compile_s,
+              tokens=tokens, params=n_params(params), trainable=n_params(trainable), flops=flops, compile_s=compile_s,
               model_flops=model_flops,
               loss_diff=abs(ours_losses[0] - torch_losses[0]), loss=ours_losses[0], times=times,
               torch_phases=[[p[i] for p in torch_phases] for i in range(3)],

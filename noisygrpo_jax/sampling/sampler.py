@@ -129,7 +129,7 @@ def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: Sampl
   kv_valid = jnp.zeros((b, slots), bool).at[:, :t].set(prompts.attention_mask.astype(bool))
   causal = jnp.arange(slots)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
   mask = causal[None] & kv_valid[:, None, :]
-  caches = init_caches(model, b, slots, jnp.dtype(model.config.dtype))
+  caches = init_caches(model, b, slots, model.decoder_dtype)
   hidden, caches = model.hidden_states(prompts.input_ids, prompts.position_ids, vision=prompts.vision, mask=mask,
                                        caches=caches, cache_index=0, remat=False)
   n = params.max_new_tokens

@@ -186,18 +186,26 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore()))
     return restored["state"], restored["metadata"]
 
-  def restore_params(self, step: int, abstract_params, fix: str = RESTORE_FIX):
-    """Only the `params` field of checkpoint `step`'s state, into `abstract_params`' shapes and shardings.
+  def restore_params(self, step: int, abstract_params: dict, fix: str = RESTORE_FIX) -> dict:
+    """The full parameter tree of checkpoint `step`, into `abstract_params`' shapes, dtypes and shardings.
 
-    A warm start's optimizer state need not fit: it may have trained other parts (e.g. an unfrozen vision tower).
+    The run that wrote it kept each top-level group (`visual`, `language_model`, ...) in its state's trainable
+    `params` or in its `frozen` parameters (train_step.TrainState); both are read, wherever each group is. A warm
+    start's optimizer state need not fit: it may have trained other parts (e.g. an unfrozen vision tower).
     """
-    self.check_fits(step, abstract_params, fix, only="params")
-    target = {"params": abstract_params}
+    items = self.manager.metadata(step).item_metadata
+    stored = _shapes(items["state"]) if items is not None and items.get("state") is not None else {}
+    target: dict[str, dict] = {}
+    for group, abstract in abstract_params.items():
+      field = "frozen" if any(path.startswith(f"frozen/{group}/") for path in stored) else "params"
+      target.setdefault(field, {})[group] = abstract
+    for field, abstract in target.items():
+      self.check_fits(step, abstract, fix, only=field)
     restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(self.directory, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                     partial_restore=True))
-    return restored["params"]
+    return {group: tree for field in target for group, tree in restored[field].items()}
 
   def close(self) -> None:
     self.wait()

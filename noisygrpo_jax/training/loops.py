@@ -7,6 +7,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -24,7 +25,8 @@ from flax import nnx
 from noisygrpo_jax import atomic_io
 from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
-from noisygrpo_jax.training import batches, checkpointing, rollouts, setup, train_step, vision_pretrain
+from noisygrpo_jax.training import batches, checkpointing, params as params_lib, rollouts, setup, train_step
+from noisygrpo_jax.training import vision_pretrain
 from noisygrpo_jax.training.metrics import MetricsWriter
 
 
@@ -107,11 +109,12 @@ class Run:
     self.train_examples = setup.load_split(config, "train")
     self.tokenizer = setup.build_tokenizer(config, self.train_examples)
     model = setup.build_model(config, self.tokenizer, self.mesh)
-    self.setup = setup.train_setup(config, model, self.mesh)
-    initial_params = self.setup.state.params
+    self.setup, self.state = setup.train_setup(config, model, self.mesh,
+                                               updates_per_step=config.rl.num_iterations if kind == "rl" else 1)
+    del model  # its frozen parameters live on in the state, in the compute dtype only
+    initial_params = self.state.params
     self.checkpointer = checkpointing.Checkpointer(os.path.join(self.workdir, "checkpoints"),
                                                    keep=config.train.keep_checkpoints)
-    self.state = self.setup.state
     self.step, self.data_position, self.consecutive_skips = 0, 0, 0
     self.init_from_step = None  # the train.init_from checkpoint step this run started from
     latest = self.checkpointer.latest_step()
@@ -120,15 +123,18 @@ class Run:
     needs_reference = kind == "rl" and bool(config.rl.beta)
     # A resumed run's reference model is still the warm start it began from, not the random initialisation.
     if config.train.init_from and (latest is None or needs_reference):
-      initial_params = self._params_from(config.train.init_from, self.init_from_step)
+      initial_params, frozen = self._params_from(config.train.init_from, self.init_from_step)
       if latest is None:
-        self.state = self.state.replace(params=initial_params)
-    # The state is donated to each update, so the reference model must not share its buffers.
-    self.reference_params = jax.tree.map(jnp.copy, initial_params) if needs_reference else None
+        self.state = self.state.replace(params=initial_params, frozen=frozen)
+    # The reference model: a compute-dtype copy of the initial trainable parameters (the state is donated to each
+    # update, so it must not share their buffers), and the state's frozen ones (training.params).
+    self.reference_params = (params_lib.copy_as(initial_params, config.model.compute_dtype) if needs_reference
+                             else None)
+    self._rollout_params = None  # the rollout copy of the current policy, made on first use after each update
     self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, resume_step=self.step)
     self.order = DataOrder(len(self.train_examples), config.train.seed)
     self.key = jax.random.key(config.train.seed)
-    self._jitted_step = None
+    self._jitted_steps = {}
 
   def _resume(self, step: int) -> None:
     """Restores state, data position, skip count and warm-start step from this run's checkpoint `step`."""
@@ -141,8 +147,9 @@ class Run:
     if jax.process_index() == 0:
       tqdm.tqdm.write(f"resumed from step {self.step} of {self.checkpointer.directory}", file=sys.stderr)
 
-  def _params_from(self, directory: str, step: int | None = None):
-    """Parameters of checkpoint `step` (default: the newest) of another run of ours (e.g. the SFT warm start)."""
+  def _params_from(self, directory: str, step: int | None = None) -> tuple[dict, dict]:
+    """(trainable, frozen) parameters of checkpoint `step` (default: the newest) of another run of ours (e.g. the
+    SFT warm start), split as this run splits them."""
     source = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False, cleanup=False)
     latest = source.latest_step()
     if latest is None:
@@ -156,29 +163,62 @@ class Run:
     self.init_from_step = step
     fix = (f"point train.init_from at a run of this model (same model.preset and tokenizer vocabulary), or "
            f"change the model configuration to the one {directory!r} was trained with")
-    params = source.restore_params(step, _abstract(self.setup.state.params, self.setup.state_shardings.params), fix)
+    full = lambda tree: params_lib.combine(tree.params, tree.frozen)
+    params = source.restore_params(step, _abstract(full(self.state), full(self.setup.state_shardings)), fix)
     source.close()
-    return params
+    return self.setup.split_params(params)
+
+  def rollout_params(self) -> dict:
+    """The parameters rollouts and evaluation run from: the policy's trainable parameters in the compute dtype (one
+    copy per update, made here on first use) and the state's frozen ones (shared, not copied)."""
+    if self._rollout_params is None:
+      self._rollout_params = params_lib.combine(params_lib.cast(self.state.params, self.config.model.compute_dtype),
+                                                self.state.frozen)
+    return self._rollout_params
+
+  def reference(self) -> dict:
+    """The KL reference model's parameters: the initial trainable ones (compute dtype) and the shared frozen ones."""
+    return params_lib.combine(self.reference_params, self.state.frozen)
 
   def model(self):
-    return nnx.merge(self.setup.graphdef, self.state.params)
+    """The policy as rollouts see it (`rollout_params`)."""
+    return nnx.merge(self.setup.graphdef, self.rollout_params())
+
+  def set_params(self, params: dict) -> None:
+    """Replaces the policy's parameters by a full tree (e.g. after vision pretraining), split as the run splits."""
+    trainable, frozen = self.setup.split_params(params)
+    self.state = self.state.replace(params=trainable, frozen=frozen)
+    self._rollout_params = None
 
   def next_examples(self, count: int) -> list[dict]:
     indices = self.order.take(self.data_position, count)
     self.data_position += count
     return [self.train_examples[i] for i in indices]
 
-  def update(self, batch: train_step.TokenBatch, loss_cfg: train_step.LossConfig, iterations: int = 1):
-    """Puts the batch on the mesh and runs `iterations` jitted policy updates; returns the last metrics."""
-    batch_sh = train_step.batch_shardings(batch, self.mesh)
-    if self._jitted_step is None:
-      step_fn = train_step.make_train_step(self.setup.graphdef, self.setup.optimizer, self.setup.frozen, loss_cfg,
+  def _step(self, loss_cfg: train_step.LossConfig, batch_sh: train_step.TokenBatch):
+    """The jitted update for `loss_cfg` (compiled once per configuration)."""
+    if loss_cfg not in self._jitted_steps:
+      step_fn = train_step.make_train_step(self.setup.graphdef, self.setup.optimizer, loss_cfg,
                                            self.config.train.micro_batches)
-      self._jitted_step = train_step.jit_train_step(step_fn, self.setup.state_shardings, batch_sh, self.mesh)
+      self._jitted_steps[loss_cfg] = train_step.jit_train_step(step_fn, self.setup.state_shardings, batch_sh,
+                                                               self.mesh)
+    return self._jitted_steps[loss_cfg]
+
+  def update(self, batch: train_step.TokenBatch, loss_cfg: train_step.LossConfig, iterations: int = 1):
+    """Puts the batch on the mesh and runs `iterations` jitted policy updates; returns the last metrics.
+
+    The first update's ratio is exactly 1 (old = its own log-probs); the log-probs it computed before updating are
+    the old log-probs of the later ones (mu > 1).
+    """
+    batch_sh = train_step.batch_shardings(batch, self.mesh)
     batch = place_batch(batch, batch_sh)
+    self._rollout_params = None  # not held through the update (memory.estimate counts it only in the rollouts)
     skipped = 0
-    for _ in range(iterations):
-      self.state, metrics = self._jitted_step(self.state, batch)
+    for i in range(iterations):
+      cfg = dataclasses.replace(loss_cfg, use_old_logps=i > 0)
+      self.state, metrics, logps = self._step(cfg, batch_sh)(self.state, batch)
+      if i == 0:
+        batch = batch.replace(old_logps=logps)
       skipped += int(metrics["skipped"])
     self.consecutive_skips = count_skips(self.consecutive_skips, skipped > 0,
                                          self.config.train.max_consecutive_skips, self.step + 1)
@@ -281,9 +321,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
     t0 = time.perf_counter()
     batch = r.batch
     if run.reference_params is not None:
-      batch = batch.replace(ref_logps=logps(run.reference_params, batch))
-    if c.rl.num_iterations > 1:
-      batch = batch.replace(old_logps=logps(run.state.params, batch))
+      batch = batch.replace(ref_logps=logps(run.reference(), batch))
     train_metrics = run.update(batch, loss_cfg, c.rl.num_iterations)
     last = {**r.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
             "time/train": time.perf_counter() - t0, "data/position": run.data_position}
@@ -326,8 +364,7 @@ def pretrain_vision(run: Run) -> None:
   results = vision_pretrain.pretrain_vision(model, run.train_examples, setup.load_split(c, "test"),
                                             setup.image_config(c, model.config.vision), cfg,
                                             patch_buckets=tuple(c.data.patch_buckets))
-  params = jax.device_put(nnx.to_pure_dict(nnx.state(model)), run.setup.state_shardings.params)
-  run.state = run.state.replace(params=params)
+  run.set_params(nnx.to_pure_dict(nnx.state(model)))
   run.writer.write(0, {f"vision_pretrain/{k}": v for k, v in results.items()})
   run.save()
 

@@ -18,7 +18,7 @@ from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config_lib
 from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib
 from noisygrpo_jax.sampling import sampler
 from noisygrpo_jax.training import optimizer as optimizer_lib
-from noisygrpo_jax.training import memory, rollouts, train_step
+from noisygrpo_jax.training import memory, params as params_lib, rollouts, train_step
 
 GROUP_SIZE_ERROR = ("rl.group_size={g} does not match the {n} noise levels {levels}; with the fixed grid each "
                     "rollout of a group takes one level: set rl.group_size={n} or change rl.noise.levels")
@@ -174,33 +174,53 @@ def loss_config(config, kind: str = "grpo") -> train_step.LossConfig:
   rl = config.rl
   return train_step.LossConfig(kind=kind, beta=rl.beta, kl_estimator=rl.kl_estimator, eps_low=rl.eps_low,
                                eps_high=rl.eps_high, aggregation=rl.aggregation,
-                               use_old_logps=rl.num_iterations > 1, temperature=1.0,
+                               temperature=1.0,
                                compute_dtype=config.model.compute_dtype,
                                group_size=1 if kind == "sft" else rl.group_size)
 
 
 @dataclasses.dataclass
 class TrainSetup:
-  """The model's graph, the optimizer and the sharded train state of a run."""
+  """The model's graph, the optimizer and the train state's shardings of a run."""
 
   graphdef: nnx.GraphDef
   optimizer: object
-  frozen: dict
   state_shardings: train_step.TrainState
-  state: train_step.TrainState
+  compute_dtype: str  # model.compute_dtype: the frozen parameters', the rollout copy's and the reference's dtype
+  freeze_vision: bool
+
+  def split_params(self, params: dict) -> tuple[dict, dict]:
+    """A full parameter tree -> (trainable in their dtype, frozen in the compute dtype), placed on the mesh with
+    the state's shardings (training.params)."""
+    trainable, frozen = params_lib.partition(params, self.freeze_vision)
+    frozen = params_lib.cast(frozen, self.compute_dtype)
+    return (jax.device_put(trainable, self.state_shardings.params),
+            jax.device_put(frozen, self.state_shardings.frozen))
 
 
-def train_setup(config, model: Qwen25VL, mesh) -> TrainSetup:
-  graphdef, model_state = nnx.split(model)
-  params = nnx.to_pure_dict(model_state)
-  labels = optimizer_lib.parameter_labels(params, config.optim.freeze_vision)
+def learning_rate_schedule(config, updates_per_step: int = 1):
+  """optim.* as a function of the optimizer update count: warmup over optim.warmup_steps updates, then the decay
+  over the run's train.steps x updates_per_step updates."""
   o = config.optim
-  optimizer = optimizer_lib.make_optimizer(
-      labels, learning_rate=o.learning_rate, total_steps=config.train.steps, warmup_steps=o.warmup_steps,
-      decay=o.decay, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, max_grad_norm=o.max_grad_norm)
-  shardings = train_step.state_shardings(model_state, optimizer, mesh)
-  params = jax.device_put(params, shardings.params)
+  return optimizer_lib.learning_rate_schedule(o.learning_rate, config.train.steps * updates_per_step,
+                                              o.warmup_steps, o.decay)
+
+
+def train_setup(config, model: Qwen25VL, mesh, updates_per_step: int = 1
+                ) -> tuple[TrainSetup, train_step.TrainState]:
+  """The optimizer and the sharded train state of `model`'s parameters (split by training.params' dtype policy).
+
+  updates_per_step: optimizer updates per training step (rl.num_iterations for RL), so the learning-rate schedule
+  spans train.steps x updates_per_step updates.
+  """
+  graphdef, model_state = nnx.split(model)
+  o = config.optim
+  optimizer = optimizer_lib.make_optimizer(learning_rate_schedule(config, updates_per_step),
+                                           weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
+                                           max_grad_norm=o.max_grad_norm)
+  shardings = train_step.state_shardings(model_state, optimizer, mesh, o.freeze_vision)
   init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
-  state = train_step.TrainState(step=jax.device_put(np.int32(0), shardings.step), params=params,
-                                opt_state=init(params))
-  return TrainSetup(graphdef, optimizer, optimizer_lib.frozen_mask(labels), shardings, state)
+  result = TrainSetup(graphdef, optimizer, shardings, config.model.compute_dtype, o.freeze_vision)
+  trainable, frozen = result.split_params(nnx.to_pure_dict(model_state))
+  return result, train_step.TrainState(step=jax.device_put(np.int32(0), shardings.step), params=trainable,
+                                       opt_state=init(trainable), frozen=frozen)

@@ -28,6 +28,7 @@ from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
 from noisygrpo_jax.rl import logprobs as logprobs_lib
 from noisygrpo_jax.rl import objective
 from noisygrpo_jax.sampling import sampler
+from noisygrpo_jax.training import params as params_lib
 
 
 @flax.struct.dataclass
@@ -63,9 +64,13 @@ class TokenBatch:
 
 @flax.struct.dataclass
 class TrainState:
+  """What a run checkpoints. The jitted step (`jit_train_step`) donates everything but `frozen`, which it reads and
+  never writes, so the rollout and reference models can share its buffers (training.params)."""
+
   step: jax.Array  # int32 scalar: optimizer updates done
-  params: dict  # pure-dict parameter tree (nnx.to_pure_dict of the model state)
-  opt_state: optax.OptState
+  params: dict  # the trainable parameters (params.partition), model.dtype: the master weights
+  opt_state: optax.OptState  # AdamW moments of `params`, in their dtype
+  frozen: dict  # the frozen parameters (params.partition; {} when all train), model.compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +83,7 @@ class LossConfig:
   eps_low: float = 0.2
   eps_high: float = 0.2
   aggregation: str = "sequence_mean_token_mean"
-  use_old_logps: bool = False  # False (num_iterations == 1): old = stop_gradient(current), ratio 1
+  use_old_logps: bool = False  # False: old = stop_gradient(current), ratio exactly 1 (mu = 1, or mu's first update)
   chunk_size: int = 16384
   temperature: float = 1.0
   group_size: int = 1  # G: rows per shared prompt (rl.group_size for RL; 1 for SFT, whose prompts are distinct)
@@ -106,7 +111,7 @@ def shared_prompt_hidden(model, batch: TokenBatch, group_size: int) -> jax.Array
                                                  axis + 1, keepdims=False)
   vision = None if batch.vision is None else jax.tree.map(first, batch.vision)
   prompt_mask = first(batch.attention_mask)[:, :t]
-  caches = sampler.init_caches(model, n // g, t, model.language_model.embed_tokens.embedding.dtype)
+  caches = sampler.init_caches(model, n // g, t, model.decoder_dtype)
   prompt_hidden, caches = model.hidden_states(first(batch.input_ids)[:, :t], first(batch.position_ids, 1)[:, :, :t],
                                               vision=vision, mask=causal_mask(prompt_mask), caches=caches,
                                               cache_index=0)
@@ -138,17 +143,18 @@ def completion_logps(model, batch: TokenBatch, chunk_size: int, temperature: flo
 
 
 def loss_terms(model, batch: TokenBatch, cfg: LossConfig):
-  """(numerator, denominator, metric sums) of the loss for one micro-batch."""
+  """(numerator, denominator, metric sums, float32 [N, M] log-probs) of the loss for one micro-batch."""
   logps = completion_logps(model, batch, cfg.chunk_size, cfg.temperature, cfg.group_size)
   if cfg.kind == "sft":
     num, den = objective.aggregate(-logps, batch.completion_mask, "token_mean")
     tokens = batch.completion_mask.sum()
-    return num, den, {"token_count": tokens, "nll_sum": num}
+    return num, den, {"token_count": tokens, "nll_sum": num}, logps
   old = batch.old_logps if cfg.use_old_logps else jax.lax.stop_gradient(logps)
-  return objective.policy_loss_terms(
+  num, den, sums = objective.policy_loss_terms(
       logps, old, batch.advantages, batch.completion_mask, ref_logps=batch.ref_logps if cfg.beta else None,
       trajectory_mask=batch.trajectory_mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta,
       kl_estimator=cfg.kl_estimator, aggregation=cfg.aggregation, max_len=batch.completion_len)
+  return num, den, sums, logps
 
 
 def denominator(batch: TokenBatch, cfg: LossConfig) -> jax.Array:
@@ -176,38 +182,49 @@ def split_micro_batches(batch: TokenBatch, k: int) -> TokenBatch:
       position_ids=split(batch.position_ids, axis=1))
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, frozen: dict, cfg: LossConfig,
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig,
                     micro_batches: int = 1) -> Callable:
-  """The un-jitted step: (state, batch) -> (state, metrics).
+  """The un-jitted step: (state, batch) -> (state, metrics, logps).
 
-  Args:
-    graphdef: the model's nnx graph definition.
-    frozen: pure-dict tree of bools, True for parameters that get no gradient (their backward is pruned).
+  The trainable parameters (state.params, the master dtype) are cast to cfg.compute_dtype for the forward and
+  backward; their gradients come back in the master dtype and are accumulated there. The frozen parameters
+  (state.frozen) are read as they are and get no gradient.
+
+  Returns, with the updated state and the scalar metrics, `logps`: float32 [N, M] the completion log-probs under
+  the parameters before the update, exactly those of the loss (stop-gradient). With num_iterations (mu) > 1 they
+  are the old log-probs of the later updates over the same batch, so the first update's ratio is exactly 1.
   """
 
-  def micro_loss(params, micro: TokenBatch, total_den):
-    params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-    if cfg.compute_dtype:
-      params = jax.tree.map(lambda p: p.astype(cfg.compute_dtype), params)  # the gradient flows back to f32
-    num, den, sums = loss_terms(nnx.merge(graphdef, params), micro, cfg)
-    return num / total_den, (num, sums)
+  def micro_loss(trainable, frozen, micro: TokenBatch, total_den):
+    params = params_lib.combine(params_lib.cast(trainable, cfg.compute_dtype), frozen)
+    num, _, sums, logps = loss_terms(nnx.merge(graphdef, params), micro, cfg)
+    return num / total_den, (num, sums, jax.lax.stop_gradient(logps))
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
-  def step(state: TrainState, batch: TokenBatch):
-    check_whole_groups(batch.input_ids.shape[0] // cfg.group_size, cfg.group_size, micro_batches)
-    total_den = jnp.maximum(denominator(batch, cfg), 1e-9)
+  def gradients(state: TrainState, batch: TokenBatch, total_den):
+    """(gradients, loss numerator, metric sums, log-probs [N, M]), summed over the micro-batches."""
+    if micro_batches == 1:  # no accumulator: the gradient is the step's only copy
+      grads, (num, sums, logps) = grad_fn(state.params, state.frozen, batch, total_den)
+      return grads, num, sums, logps
     micro = split_micro_batches(batch, micro_batches)
 
     def accumulate(carry, micro_batch):
       grads, num, sums = carry
-      g, (n, s) = grad_fn(state.params, micro_batch, total_den)
-      return (jax.tree.map(jnp.add, grads, g), num + n, jax.tree.map(jnp.add, sums, s)), None
+      g, (n, s, logps) = grad_fn(state.params, state.frozen, micro_batch, total_den)
+      return (jax.tree.map(jnp.add, grads, g), num + n, jax.tree.map(jnp.add, sums, s)), logps
 
     first = jax.tree.map(lambda x: x[0], micro)
-    zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: micro_loss(state.params, first, total_den)[1][1]))
+    zero_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+        lambda: micro_loss(state.params, state.frozen, first, total_den)[1][1]))
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, num, sums), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), zero_sums), micro)
+    (grads, num, sums), logps = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), zero_sums), micro)
+    return grads, num, sums, logps.reshape(batch.completion_mask.shape)
+
+  def step(state: TrainState, batch: TokenBatch):
+    check_whole_groups(batch.input_ids.shape[0] // cfg.group_size, cfg.group_size, micro_batches)
+    total_den = jnp.maximum(denominator(batch, cfg), 1e-9)
+    grads, num, sums, logps = gradients(state, batch, total_den)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -222,14 +239,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, frozen: d
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["update_norm"] = jnp.where(finite, optax.global_norm(updates), 0.0)
     metrics["skipped"] = (~finite).astype(jnp.float32)
-    return TrainState(step=state.step + finite.astype(state.step.dtype), params=params, opt_state=opt_state), metrics
+    new_state = state.replace(step=state.step + finite.astype(state.step.dtype), params=params, opt_state=opt_state)
+    return new_state, metrics, logps
 
   return step
 
 
 def logps_fn(graphdef, chunk_size: int, group_size: int = 1) -> Callable:
-  """(params, batch) -> float32 [N, M] completion log-probs, without gradient (old / reference policy); rows in
-  groups of `group_size` sharing their prompt (see `completion_logps`)."""
+  """(params, batch) -> float32 [N, M] completion log-probs, without gradient (the reference policy), in the
+  parameters' dtypes; rows in groups of `group_size` sharing their prompt (see `completion_logps`)."""
   return lambda params, batch: completion_logps(nnx.merge(graphdef, params), batch, chunk_size,
                                                 group_size=group_size)
 
@@ -247,18 +265,36 @@ def batch_shardings(batch: TokenBatch, mesh: Mesh) -> TokenBatch:
       position_ids=rows(1)(batch.position_ids))
 
 
-def state_shardings(abstract_model_state, optimizer, mesh: Mesh) -> TrainState:
+def state_shardings(abstract_model_state, optimizer, mesh: Mesh, freeze_vision: bool) -> TrainState:
   """TrainState shardings derived from `jax.eval_shape` of the state and the logical-axis rules."""
-  params_sh = sharding.param_shardings(abstract_model_state, mesh)
-  abstract_params = nnx.to_pure_dict(abstract_model_state)
-  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  trainable_sh, frozen_sh = params_lib.partition(sharding.param_shardings(abstract_model_state, mesh), freeze_vision)
+  abstract_trainable, _ = params_lib.partition(nnx.to_pure_dict(abstract_model_state), freeze_vision)
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
   replicated = NamedSharding(mesh, PartitionSpec())
-  return TrainState(step=replicated, params=params_sh,
-                    opt_state=sharding.tree_shardings_like(abstract_opt, params_sh, mesh))
+  return TrainState(step=replicated, params=trainable_sh,
+                    opt_state=sharding.tree_shardings_like(abstract_opt, trainable_sh, mesh), frozen=frozen_sh)
 
 
-def jit_train_step(step_fn, state_sh: TrainState, batch_sh: TokenBatch, mesh: Mesh):
-  """jax.jit with explicit in/out shardings and the state donated."""
+def jit_train_step(step_fn, state_sh: TrainState, batch_sh: TokenBatch, mesh: Mesh) -> Callable:
+  """`step_fn` under jax.jit with explicit in/out shardings, the state donated except its frozen parameters.
+
+  The frozen parameters enter as an argument of their own, neither donated nor returned: the state that comes
+  out holds the very arrays that went in, which the rollout and reference models share.
+  """
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-                 donate_argnums=0)
+
+  def without_frozen(state, frozen, batch):
+    new_state, metrics, logps = step_fn(state.replace(frozen=frozen), batch)
+    return new_state.replace(frozen=None), metrics, logps
+
+  jitted = jax.jit(without_frozen, in_shardings=(state_sh.replace(frozen=None), state_sh.frozen, batch_sh),
+                   out_shardings=(state_sh.replace(frozen=None), replicated, batch_sh.completion_mask),
+                   donate_argnums=0)
+
+  def step(state: TrainState, batch: TokenBatch):
+    new_state, metrics, logps = jitted(state.replace(frozen=None), state.frozen, batch)
+    return new_state.replace(frozen=state.frozen), metrics, logps
+
+  # The jax.jit stage API on (state, batch), concrete or abstract (e.g. for compile times and memory analyses).
+  step.lower = lambda state, batch: jitted.lower(state.replace(frozen=None), state.frozen, batch)
+  return step

@@ -58,7 +58,7 @@ def test_gradients_of_the_rl_loss_are_equal(models_and_batch):
     graphdef, state = nnx.split(model)
 
     def loss(params):
-      num, den, _ = ts.loss_terms(nnx.merge(graphdef, params), batch, loss_cfg)
+      num, den, _, _ = ts.loss_terms(nnx.merge(graphdef, params), batch, loss_cfg)
       return num / den
 
     return jax.jit(jax.grad(loss))(nnx.to_pure_dict(state))
@@ -76,7 +76,7 @@ def test_train_step_is_equal(models_and_batch):
   results = []
   for model in (plain, remat):
     _, _, _, step, state = H.setup_state(model, ts.LossConfig(), freeze_vision=False, optimizer=optax.sgd(1.0))
-    state, metrics = jax.jit(step)(state, batch)
+    state, metrics, _ = jax.jit(step)(state, batch)
     results.append((state.params, metrics))
   (p_plain, m_plain), (p_remat, m_remat) = results
   assert float(m_plain["skipped"]) == 0.0

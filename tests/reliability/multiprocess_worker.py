@@ -37,20 +37,20 @@ def main(pid: int, port: str, directory: str) -> None:
 
   model, batch = H.model_and_batch(n=8)
   graphdef, model_state, optimizer, step, state = H.setup_state(model, freeze_vision=False, lr=1e-3)
-  batch = batch.replace(ref_logps=np.asarray(jax.jit(ts.logps_fn(graphdef, 64))(state.params, batch)))
+  batch = batch.replace(ref_logps=np.asarray(jax.jit(ts.logps_fn(graphdef, 64))(H.full_params(state), batch)))
   initial = jax.tree.map(np.asarray, state.params)
   if pid == 0:  # the single-device reference, on this process's first device (process 1 lends it the CPU)
-    single, single_metrics = jax.jit(step)(state, batch)
+    single, single_metrics, _ = jax.jit(step)(state, batch)
     single = jax.tree.map(np.asarray, single.params)
 
   mesh = sharding.make_mesh(data=2, fsdp=4)
   # The data axis spans the processes: each process's 4 devices form one fsdp row.
   assert [{d.process_index for d in row.flat} for row in mesh.devices] == [{0}, {1}], mesh.devices
-  state_sh = ts.state_shardings(nnx.eval_shape(lambda: model_state), optimizer, mesh)
+  state_sh = ts.state_shardings(nnx.eval_shape(lambda: model_state), optimizer, mesh, freeze_vision=False)
   batch_sh = ts.batch_shardings(batch, mesh)
   sharded_state = jax.device_put(state, state_sh)  # as setup.train_setup places the initial state
   sharded_batch = loops.place_batch(batch, batch_sh)  # as Run.update places each batch
-  new_state, metrics = ts.jit_train_step(step, state_sh, batch_sh, mesh)(sharded_state, sharded_batch)
+  new_state, metrics, _ = ts.jit_train_step(step, state_sh, batch_sh, mesh)(sharded_state, sharded_batch)
   assert not new_state.params["language_model"]["embed_tokens"]["embedding"].is_fully_addressable
 
   params = _gather(new_state.params)

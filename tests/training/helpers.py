@@ -7,6 +7,7 @@ from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg
 from noisygrpo_jax.sampling import sampler as S
 from noisygrpo_jax.training import batches
 from noisygrpo_jax.training import optimizer as opt_lib
+from noisygrpo_jax.training import params as params_lib
 from noisygrpo_jax.training import train_step as ts
 from tests.models import hf_reference as ref
 
@@ -33,11 +34,17 @@ def model_and_batch(n: int = 8, m: int = 6, seed: int = 0, group_size: int = 1):
 
 
 def setup_state(model, loss_cfg=ts.LossConfig(), freeze_vision=True, lr=1e-2, micro_batches=1, optimizer=None):
-  """AdamW (or the given optax optimizer) over the model's parameters and the un-jitted step."""
+  """AdamW (or the given optax optimizer) over the model's trainable parameters and the un-jitted step; the frozen
+  ones (training.params.partition) are cast to loss_cfg.compute_dtype as a run keeps them."""
   graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  labels = opt_lib.parameter_labels(params, freeze_vision)
-  optimizer = optimizer or opt_lib.make_optimizer(labels, learning_rate=lr, total_steps=10)
-  step = ts.make_train_step(graphdef, optimizer, opt_lib.frozen_mask(labels), loss_cfg, micro_batches)
-  train_state = ts.TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
+  trainable, frozen = params_lib.partition(nnx.to_pure_dict(state), freeze_vision)
+  optimizer = optimizer or opt_lib.make_optimizer(opt_lib.learning_rate_schedule(lr, total_steps=10))
+  step = ts.make_train_step(graphdef, optimizer, loss_cfg, micro_batches)
+  train_state = ts.TrainState(step=np.int32(0), params=trainable, opt_state=optimizer.init(trainable),
+                              frozen=params_lib.cast(frozen, loss_cfg.compute_dtype))
   return graphdef, state, optimizer, step, train_state
+
+
+def full_params(train_state) -> dict:
+  """The full parameter tree of a TrainState (trainable and frozen)."""
+  return params_lib.combine(train_state.params, train_state.frozen)

@@ -13,7 +13,7 @@ from noisygrpo_jax import sharding
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config
 from noisygrpo_jax.processing import image as image_lib
 from noisygrpo_jax.sampling import sampler
-from noisygrpo_jax.training import memory, optimizer as optimizer_lib, setup
+from noisygrpo_jax.training import memory, optimizer as optimizer_lib, params as params_lib, setup
 from tests.models import hf_reference as ref
 from tests.training import helpers
 
@@ -46,8 +46,8 @@ def test_param_and_optimizer_bytes_equal_the_model_state(config):
   for freeze_vision in (True, False):
     est = memory.estimate(config, memory.RunShape(**{**RUN.__dict__, "freeze_vision": freeze_vision}), ONE_DEVICE)
     assert est.params == est.reference == _nbytes(params)
-    labels = optimizer_lib.parameter_labels(params, freeze_vision)
-    opt_state = jax.eval_shape(optimizer_lib.make_optimizer(labels, learning_rate=1e-3, total_steps=10).init, params)
+    trainable, _ = params_lib.partition(params, freeze_vision)
+    opt_state = jax.eval_shape(optimizer_lib.make_optimizer(1e-3).init, trainable)
     assert est.optimizer == _nbytes(opt_state)  # two moments of the trainable parameters, none for frozen ones
 
 

@@ -78,7 +78,7 @@ def test_grpo_gradients_equal_the_full_pass(remat):
   def grad_fn(group_size):
     def loss(params):
       cfg = ts.LossConfig(beta=0.04, group_size=group_size)
-      num, den, _ = ts.loss_terms(nnx.merge(graphdef, params), batch, cfg)
+      num, den, _, _ = ts.loss_terms(nnx.merge(graphdef, params), batch, cfg)
       return num / den
     return jax.grad(loss)
 
@@ -100,7 +100,7 @@ def test_train_step_equals_the_full_pass(remat):
   for group_size in (1, G):
     _, _, _, step, state = H.setup_state(model, ts.LossConfig(group_size=group_size), freeze_vision=False,
                                          optimizer=optax.sgd(1.0, momentum=0.9))
-    state, metrics = jax.jit(step)(state, batch)
+    state, metrics, _ = jax.jit(step)(state, batch)
     results.append((state, metrics))
   (full, m_full), (shared, m_shared) = results
   assert float(m_full["skipped"]) == 0.0 and int(shared.step) == 1
@@ -115,7 +115,7 @@ def test_micro_batches_of_whole_groups_equal_the_full_batch():
   for group_size, micro_batches in ((1, 1), (G, 2)):
     _, _, _, step, state = H.setup_state(model, ts.LossConfig(group_size=group_size), freeze_vision=False,
                                          micro_batches=micro_batches, optimizer=optax.sgd(1.0))
-    state, metrics = jax.jit(step)(state, batch)
+    state, metrics, _ = jax.jit(step)(state, batch)
     results.append((state.params, metrics))
   (p_full, m_full), (p_micro, m_micro) = results
   assert abs(float(m_full["loss"]) - float(m_micro["loss"])) <= 1e-6

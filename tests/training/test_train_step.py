@@ -1,5 +1,6 @@
 """The policy-update step: sharding equality, frozen groups, mu > 1 clipping, exact gradient accumulation."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -16,18 +17,19 @@ from tests.training import helpers as H
 
 
 def _with_reference(graphdef, state, batch):
-  return batch.replace(ref_logps=np.asarray(ts.logps_fn(graphdef, 64)(state.params, batch)))
+  return batch.replace(ref_logps=np.asarray(ts.logps_fn(graphdef, 64)(H.full_params(state), batch)))
 
 
 def test_frozen_vision_is_bit_identical_and_has_no_optimizer_state():
   model, batch = H.model_and_batch()
   graphdef, _, _, step, state = H.setup_state(model, freeze_vision=True)
-  before = jax.tree.map(np.asarray, state.params)
+  assert set(state.frozen) == {"visual"} and "visual" not in state.params
+  before = jax.tree.map(np.asarray, H.full_params(state))
   batch = _with_reference(graphdef, state, batch)
   step = jax.jit(step)
   for _ in range(3):
-    state, _ = step(state, batch)
-  after = jax.tree.map(np.asarray, state.params)
+    state, _, _ = step(state, batch)
+  after = jax.tree.map(np.asarray, H.full_params(state))
   for a, b in zip(jax.tree.leaves(before["visual"]), jax.tree.leaves(after["visual"])):
     np.testing.assert_array_equal(a, b)
   changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["language_model"]),
@@ -43,14 +45,35 @@ def test_kl_is_zero_when_policy_equals_reference_and_mu2_clips():
   model, batch = H.model_and_batch()
   cfg = ts.LossConfig(use_old_logps=True, eps_low=0.05, eps_high=0.05)
   graphdef, _, _, step, state = H.setup_state(model, cfg, lr=3e-2)
-  old = np.asarray(ts.logps_fn(graphdef, 64)(state.params, batch))
+  old = np.asarray(ts.logps_fn(graphdef, 64)(H.full_params(state), batch))
   batch = batch.replace(old_logps=old, ref_logps=old)
   step = jax.jit(step)
-  state, first = step(state, batch)
+  state, first, _ = step(state, batch)
   assert float(first["kl_mean"]) == 0.0 and float(first["clip_fraction"]) == 0.0
   assert abs(float(first["ratio_mean"]) - 1.0) < 1e-6
-  _, second = step(state, batch)  # same rollouts, updated policy: ratios leave the band
+  _, second, _ = step(state, batch)  # same rollouts, updated policy: ratios leave the band
   assert float(second["clip_fraction"]) > 0 and float(second["kl_mean"]) > 0
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_first_update_log_probs_are_the_old_log_probs_of_the_next(micro_batches):
+  """mu > 1 (Run.update): the first update uses old = its own log-probs (ratio exactly 1) and returns them; fed
+  back as the old log-probs of an update from the same state, in the bf16 compute policy, they give ratio exactly
+  1 again and the very same update: they are exactly the loss's log-probs, not a separate pass's."""
+  model, batch = H.model_and_batch(n=8, group_size=2)
+  cfg = ts.LossConfig(compute_dtype="bfloat16", group_size=2)
+  graphdef, _, _, step, state = H.setup_state(model, cfg, lr=1e-3, micro_batches=micro_batches)
+  batch = _with_reference(graphdef, state, batch)
+  _, _, _, replay, _ = H.setup_state(model, dataclasses.replace(cfg, use_old_logps=True),
+                                     micro_batches=micro_batches, lr=1e-3)
+  first_state, first, logps = jax.jit(step)(state, batch)
+  assert float(first["ratio_mean"]) == 1.0
+  replayed_state, replayed, _ = jax.jit(replay)(state, batch.replace(old_logps=logps))
+  assert float(replayed["ratio_mean"]) == 1.0 and float(replayed["clip_fraction"]) == 0.0
+  for a, b in zip(jax.tree.leaves(first_state.params), jax.tree.leaves(replayed_state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  mask = np.asarray(batch.completion_mask) > 0
+  assert logps.shape == mask.shape and np.all(np.asarray(logps)[mask] < 0)
 
 
 @pytest.mark.parametrize("aggregation", ["sequence_mean_token_mean", "token_mean", "sequence_sum_over_max_len"])
@@ -63,7 +86,7 @@ def test_gradient_accumulation_equals_full_batch(aggregation):
   for micro in (1, 4):
     graphdef, _, _, step, state = H.setup_state(model, cfg, freeze_vision=False, micro_batches=micro,
                                                 optimizer=optax.sgd(1.0))
-    state, metrics = jax.jit(step)(state, _with_reference(graphdef, state, batch))
+    state, metrics, _ = jax.jit(step)(state, _with_reference(graphdef, state, batch))
     results.append((jax.tree.map(np.asarray, state.params), metrics))
   (p1, m1), (p4, m4) = results
   assert abs(float(m1["grad_norm"]) - float(m4["grad_norm"])) <= 1e-5 * float(m1["grad_norm"])
@@ -75,9 +98,9 @@ def test_gradient_accumulation_equals_full_batch(aggregation):
 def test_sft_loss_is_the_mean_token_nll():
   model, batch = H.model_and_batch()
   graphdef, _, _, step, state = H.setup_state(model, ts.LossConfig(kind="sft"))
-  logps = np.asarray(ts.logps_fn(graphdef, 64)(state.params, batch))
+  logps = np.asarray(ts.logps_fn(graphdef, 64)(H.full_params(state), batch))
   mask = np.asarray(batch.completion_mask)
-  _, metrics = jax.jit(step)(state, batch)
+  _, metrics, _ = jax.jit(step)(state, batch)
   np.testing.assert_allclose(float(metrics["loss"]), -(logps * mask).sum() / mask.sum(), rtol=1e-5)
 
 
@@ -107,10 +130,10 @@ def test_sharded_step_equals_single_device():
         graphdef, model_state, optimizer, step, state = H.setup_state(model, ts.LossConfig(group_size=4),
                                                                       freeze_vision=False, lr=1e-3,
                                                                       optimizer=optimizer)
-        full = batch.replace(ref_logps=np.asarray(ts.logps_fn(graphdef, 64, 4)(state.params, batch)))
+        full = batch.replace(ref_logps=np.asarray(ts.logps_fn(graphdef, 64, 4)(H.full_params(state), batch)))
         initial = jax.tree.map(np.array, state.params)
         single = jax.jit(step)(state, full)
-        state_sh = ts.state_shardings(nnx.eval_shape(lambda: model_state), optimizer, mesh)
+        state_sh = ts.state_shardings(nnx.eval_shape(lambda: model_state), optimizer, mesh, freeze_vision=False)
         batch_sh = ts.batch_shardings(full, mesh)
         sharded_batch = jax.device_put(full, batch_sh)
         assert sharded_batch.input_ids.sharding.spec == P(("data", "fsdp"), None)
@@ -121,7 +144,7 @@ def test_sharded_step_equals_single_device():
         return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(jax.tree.leaves(a),
                                                                                      jax.tree.leaves(b)))
 
-      initial, (single, single_metrics), (sharded, metrics) = single_and_sharded(optax.sgd(1.0))
+      initial, (single, single_metrics, _), (sharded, metrics, _) = single_and_sharded(optax.sgd(1.0))
       grad_diff = max_diff(sharded.params, single.params)  # params - 1.0 * grad on both sides
       grad_max = max_diff(single.params, initial)
       assert grad_diff <= 1e-6 and grad_max > 1e-2, (grad_diff, grad_max)
@@ -129,12 +152,12 @@ def test_sharded_step_equals_single_device():
           single_metrics["grad_norm"])
       assert abs(float(metrics["loss"]) - float(single_metrics["loss"])) <= 1e-6
 
-      _, (single, _), (sharded, _) = single_and_sharded(None)  # AdamW with the trainer's grouping
+      _, (single, _, _), (sharded, _, _) = single_and_sharded(None)  # AdamW as the trainer builds it
       q = sharded.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
       assert q.sharding.spec == P("fsdp", None), q.sharding.spec  # embed -> fsdp; heads -> tensor (size 1)
       emb = sharded.params["language_model"]["embed_tokens"]["embedding"]
       assert emb.sharding.spec == P(None, "fsdp"), emb.sharding.spec
-      mu = lambda s: s.opt_state.inner_states["trainable"].inner_state[1][0].mu
+      mu = lambda s: s.opt_state[1][0].mu  # chain(clip, adamw = chain(scale_by_adam, ...))
       mu_q = mu(sharded)["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
       assert mu_q.sharding.spec == P("fsdp", None), mu_q.sharding.spec
       mu_diff = max_diff(mu(sharded), mu(single))
@@ -151,7 +174,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   losses = {}
   for compute in ("", "bfloat16"):
     graphdef, _, _, step, state = H.setup_state(model, ts.LossConfig(kind="sft", compute_dtype=compute))
-    new_state, metrics = jax.jit(step)(state, batch)
+    new_state, metrics, _ = jax.jit(step)(state, batch)
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(new_state.params))
     losses[compute] = float(metrics["loss"])
   # bf16 rounding (relative 2^-9) through the tiny model moves the mean token NLL by well under 1%.
@@ -165,11 +188,11 @@ def test_non_finite_loss_skips_the_update():
   batch = _with_reference(graphdef, state, batch)
   before = jax.tree.map(np.asarray, (state.params, state.opt_state))
   poisoned = batch.replace(advantages=np.where(np.arange(8) == 3, np.nan, batch.advantages).astype(np.float32))
-  new_state, metrics = jax.jit(step)(state, poisoned)
+  new_state, metrics, _ = jax.jit(step)(state, poisoned)
   assert float(metrics["skipped"]) == 1.0 and int(new_state.step) == 0
   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((new_state.params, new_state.opt_state))):
     np.testing.assert_array_equal(a, np.asarray(b))
-  new_state, metrics = jax.jit(step)(new_state, batch)
+  new_state, metrics, _ = jax.jit(step)(new_state, batch)
   assert float(metrics["skipped"]) == 0.0 and int(new_state.step) == 1
 
 

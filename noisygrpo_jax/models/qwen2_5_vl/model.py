@@ -87,6 +87,12 @@ class Qwen25VL(nnx.Module):
       mask = causal_mask(attention_mask)
     return self.language_model(self.embed(input_ids, vision), position_ids, mask, caches, cache_index, remat)
 
+  @property
+  def decoder_dtype(self):
+    """The dtype the decoder computes in (and its KV caches hold): its embedding table's, i.e. that of the parameters
+    the model was merged with, whatever config.dtype built it."""
+    return self.language_model.embed_tokens.embedding.dtype
+
   def lm_head_kernel(self) -> jax.Array:
     """[D, V]: the output projection (the transposed embedding table when tied)."""
     if self.lm_head is None:

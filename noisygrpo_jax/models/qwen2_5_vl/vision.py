@@ -27,13 +27,12 @@ class PatchEmbed(nnx.Module):
   """The Conv3d with kernel == stride is a linear map of each flattened patch: one matmul."""
 
   def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
-    self.dtype = dtype
     self.proj = Linear(config.patch_dim, config.hidden_size, bias=False, names=("patch", "vision_embed"),
                        dtype=dtype, rngs=rngs)
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
-    """[P, 1176] -> [P, hidden] in the parameter dtype."""
-    return self.proj(pixel_values.astype(self.dtype))
+    """[P, 1176] -> [P, hidden] in the parameters' dtype (the tower computes in the dtype it is stored in)."""
+    return self.proj(pixel_values.astype(self.proj.kernel.dtype))
 
 
 class VisionAttention(nnx.Module):
