@@ -37,8 +37,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_pixels = 1536 * 1536  # processor: largest image area after resizing (the original's)
   c.data.max_prompt_tokens = 0  # prompt length budget in tokens; 0 = no limit (the original's)
   c.data.truncate_prompts = False  # over-budget prompts: False raises naming the example; True cuts the question
-  c.data.prompt_buckets = (64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (one compile each)
-  c.data.patch_buckets = (64, 256, 1024, 4096, 16384)  # padded patches per rollout image
+  # padded prompt lengths, steps of 1.5x / 1.33x (one compile each); 4096 holds an image at max_pixels (<= 3009 tokens)
+  c.data.prompt_buckets = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+  # padded patches per rollout image, steps of 1.5x / 1.33x, multiples of the 64-patch attention window; 12288
+  # holds an image at max_pixels (<= 12036 patches)
+  c.data.patch_buckets = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288)
 
   c.rl = ml_collections.ConfigDict()
   c.rl.advantage = "noisygrpo"  # grpo | drgrpo | rloo | noisygrpo

@@ -1,12 +1,12 @@
 """Every CPU benchmark in one command (`make bench`): forward, generate, train step, end-to-end RL step vs TRL,
-image processing; then one summary table.
+image processing, the buckets' padding waste; then one summary table.
 
 Each script runs in its own process (so peak memory and compiled programs do not carry over), writes its own
 section of BENCHMARKS.md (medians over repeated runs with min/max, machine, versions, command, load averages)
 and a JSON file of summary rows; this runner prints those rows as one table and writes it as the
 `bench_summary` section at the top of BENCHMARKS.md, with the time and load average around each script.
 
-  python experiments/bench/bench_all.py [--quick] [--only forward,generate,train,e2e,processing]
+  python experiments/bench/bench_all.py [--quick] [--only forward,generate,train,e2e,processing,buckets]
                                         [--markdown BENCHMARKS.md]
 
 --quick passes --quick to every script: fewer repeats (3 timed rounds, 1-2 warm-ups; e2e 1 + 3 RL steps), for a
@@ -31,7 +31,7 @@ from common import REPO, load_average, machine  # noqa: E402
 
 MD_BEGIN, MD_END = "<!-- bench_summary:begin -->", "<!-- bench_summary:end -->"
 SCRIPTS = {"forward": "bench_forward.py", "generate": "bench_generate.py", "train": "bench_train.py",
-           "e2e": "bench_e2e.py", "processing": "bench_processing.py"}
+           "e2e": "bench_e2e.py", "processing": "bench_processing.py", "buckets": "bench_buckets.py"}
 
 
 def run_script(name: str, quick: bool, markdown: Path | None, out_dir: Path) -> dict:
