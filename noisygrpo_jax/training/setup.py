@@ -16,6 +16,7 @@ from noisygrpo_jax import sharding
 from noisygrpo_jax.data import loading
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config_lib, load_hf
 from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib
+from noisygrpo_jax.rl import rewards as rewards_lib
 from noisygrpo_jax.sampling import sampler
 from noisygrpo_jax.training import optimizer as optimizer_lib
 from noisygrpo_jax.training import memory, params as params_lib, rollouts, train_step
@@ -163,7 +164,8 @@ def rollout_config(config, tokenizer, vision: model_config_lib.VisionConfig) -> 
   return rollouts.RolloutConfig(
       group_size=rl.group_size, noise_enabled=rl.noise.enabled, noise_levels=tuple(rl.noise.levels),
       noise_schedule=rl.noise.schedule, noise_quantize=rl.noise.quantize, noise_anneal=rl.noise.anneal,
-      advantage=rl.advantage, advantage_hyper=hyper, reward_functions=tuple(rl.rewards),
+      advantage=rl.advantage, advantage_hyper=hyper,
+      reward_functions=rewards_lib.reward_functions(tuple(rl.rewards), rl.reward_rules, rl.semantic_model),
       mask_noise_correct=rl.mask_noise_correct, sampling=sampling_params(config, tokenizer),
       image=image_config(config, vision), prompt_buckets=tuple(config.data.prompt_buckets),
       patch_buckets=tuple(config.data.patch_buckets), max_prompt_tokens=config.data.max_prompt_tokens,

