@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-gpu clean
+.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-gpu clean
 
 setup: $(STAMP)
 
@@ -76,6 +76,10 @@ bench-train: $(STAMP)
 
 bench-processing: $(STAMP)
 	$(PY) experiments/bench/bench_processing.py --markdown $(BENCH_MD) $(ARGS)
+
+# The memory estimate against XLA's compiled memory analysis at the 3B width (CPU, abstract inputs, ~1 min).
+bench-memory: $(STAMP)
+	$(PY) experiments/bench/bench_memory.py --markdown $(BENCH_MD) $(ARGS)
 
 # The benchmark-only extras (TRL for bench-e2e) on top of requirements.txt; they change none of its pins.
 BENCH_STAMP := $(VENV)/.bench-installed

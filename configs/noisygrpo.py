@@ -62,6 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.num_iterations = 1  # mu: policy updates per rollout batch (ratio uses stored old log-probs)
   c.rl.mask_noise_correct = False  # drop noisy rollouts that beat the clean one (spec section 3)
   c.rl.max_new_tokens = 256  # completion budget
+  c.rl.prefill_micro_batches = 1  # rollout prompts prefilled in parts of rows (divides the rows; 0 = fewest that fit)
   c.rl.temperature = 1.0  # sampling temperature
   c.rl.top_k = 50  # sampling top-k (0 disables)
   c.rl.top_p = 1.0  # sampling top-p (1 disables)
@@ -84,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.workdir = "workdir/noisygrpo_tiny"  # checkpoints, metrics, plots
   c.train.steps = 812  # RL steps (one epoch of 13k prompts at 16 per step)
   c.train.prompts_per_step = 16  # prompts per RL step (x group_size rollouts)
-  c.train.micro_batches = 1  # gradient accumulation over whole groups: must divide train.prompts_per_step
+  c.train.micro_batches = 1  # update + reference log-probs in parts of whole groups (divide prompts; 0: fewest fitting)
   c.train.seed = 42
   c.train.log_every = 1  # steps between metric writes
   c.train.eval_every = 100  # steps between evaluations (0 = never)
@@ -94,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_consecutive_skips = 5  # stop with an error after this many updates skipped for non-finite values
   c.train.init_from = ""  # a checkpoint directory of our own (e.g. the SFT warm start) to start from
   c.train.memory_check = True  # refuse to build a model whose estimated memory exceeds the device's (False: warn only)
+  c.train.device_memory_gib = 0.0  # memory per device the check plans for (H100 80GB: 79.6); 0 = the device's limit
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel axis size
@@ -130,6 +132,8 @@ def real(preset: str):
     c.model.dtype = "float32"  # master weights and moments, as DeepSpeed bf16 (the original) keeps them
     c.model.compute_dtype = "bfloat16"
     c.rl.reward_rules = "released"  # the original's rewards, sigma and so Kalman gain
+    c.train.micro_batches = 0  # the fewest that fit the memory estimate (printed at start)
+    c.rl.prefill_micro_batches = 0
     c.model.remat = True
     c.tokenizer.kind = "checkpoint"
     c.data.name = "local_vqa"

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from noisygrpo_jax.models.qwen2_5_vl import host
@@ -33,6 +34,16 @@ class PromptBatch:
   position_ids: jax.Array
   rope_deltas: jax.Array
   vision: host.VisionBatch | None = None
+
+
+def split_rows(batch, k: int):
+  """A batch of B rows (a PromptBatch or any flax dataclass whose leaves have rows first, but `position_ids`
+  [3, B, T]) as k parts of B / k consecutive rows stacked on a new leading axis, for `jax.lax.map`/`scan` over
+  micro-batches: [B, ...] -> [k, B / k, ...], position_ids [3, B, T] -> [k, 3, B / k, T]."""
+  def split(x, axis=0):
+    x = jnp.moveaxis(x, axis, 0)
+    return jnp.moveaxis(x.reshape((k, x.shape[0] // k) + x.shape[1:]), 1, axis + 1)
+  return jax.tree.map(split, batch.replace(position_ids=None)).replace(position_ids=split(batch.position_ids, 1))
 
 
 def pick_bucket(size: int, buckets: Sequence[int] | None, what: str, source: str) -> int:

@@ -19,19 +19,21 @@ def token_logprobs_from_logits(logits: jax.Array, targets: jax.Array, *, tempera
   return jnp.take_along_axis(logp, jnp.asarray(targets, jnp.int32)[..., None], axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "return_entropy"))
+@functools.partial(jax.jit, static_argnames=("chunk_size", "return_entropy", "vocab_axis"))
 def chunked_token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *, chunk_size: int = 16384,
-                           temperature: float = 1.0, return_entropy: bool = False):
+                           temperature: float = 1.0, return_entropy: bool = False, vocab_axis: int = 1):
   """log p(target) under softmax(hidden @ lm_head / temperature), computed over vocabulary chunks.
 
   Args:
     hidden: [B, T, D] final hidden states (after the final norm), any float dtype.
-    lm_head: [D, V] LM head kernel (the transposed embedding table when tied).
+    lm_head: [D, V] LM head kernel, or with vocab_axis=0 [V, D] (the embedding table of a tied head, sliced as it
+      is stored: no transposed copy of it is made).
     targets: int [B, T] token ids in [0, V).
     chunk_size: vocabulary columns per step; the last chunk is shifted back to end at V and its columns that
       the previous chunk already covered are masked to -inf, so neither the head nor the logits are padded.
     temperature: logits are divided by it (sampling temperature).
     return_entropy: also return the per-token entropy of the distribution.
+    vocab_axis: the vocabulary axis of `lm_head` (1 or 0).
 
   Returns:
     float32 [B, T] log-probs, and float32 [B, T] entropy when `return_entropy`. The matmul accumulates in
@@ -40,7 +42,7 @@ def chunked_token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.A
   hidden = jnp.asarray(hidden)
   lm_head = jnp.asarray(lm_head)
   targets = jnp.asarray(targets, jnp.int32)
-  vocab = lm_head.shape[-1]
+  vocab = lm_head.shape[vocab_axis]
   chunk = min(int(chunk_size), vocab)
   num_chunks = -(-vocab // chunk)
   inv_temp = jnp.asarray(1.0 / temperature, jnp.float32)
@@ -50,8 +52,9 @@ def chunked_token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.A
     running_max, sum_exp, sum_exp_logit, target_logit = carry
     first = index * chunk  # first column this chunk is responsible for
     start = jnp.minimum(first, vocab - chunk)  # the last chunk is shifted back so the slice stays in bounds
-    weights = jax.lax.dynamic_slice_in_dim(lm_head, start, chunk, axis=1)
-    logits = jnp.einsum("...d,dv->...v", hidden, weights, preferred_element_type=jnp.float32) * inv_temp
+    weights = jax.lax.dynamic_slice_in_dim(lm_head, start, chunk, axis=vocab_axis)
+    spec = "...d,dv->...v" if vocab_axis == 1 else "...d,vd->...v"
+    logits = jnp.einsum(spec, hidden, weights, preferred_element_type=jnp.float32) * inv_temp
     cols = start + jnp.arange(chunk, dtype=jnp.int32)
     logits = jnp.where(cols >= first, logits, -jnp.inf)
     # The running max only stabilises the sums; lse does not depend on it, so it takes no gradient.

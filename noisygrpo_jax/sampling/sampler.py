@@ -17,6 +17,7 @@ from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
+from noisygrpo_jax.processing import collate
 from noisygrpo_jax.processing.collate import PromptBatch
 
 
@@ -31,6 +32,7 @@ class SamplingParams:
   top_p: float = 1.0  # 1.0 disables
   eos_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>
   pad_id: int = 151643
+  prefill_micro_batches: int = 1  # the prompts are prefilled in this many parts of rows (bounds the activations)
 
 
 @flax.struct.dataclass
@@ -122,20 +124,38 @@ def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> list[LayerCac
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params"))
 def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: SamplingParams) -> DecodeState:
-  """Runs the prompt through the model, fills cache slots [0, T) and returns the initial decode state."""
+  """Runs the prompt through the model, fills cache slots [0, T) and returns the initial decode state.
+
+  With params.prefill_micro_batches = k > 1 the rows are prefilled k parts at a time (`jax.lax.map`), each writing
+  its rows of the one cache: the same result, with 1 / k of the prefill's activations alive at once.
+  """
   model = nnx.merge(graphdef, state)
   b, t = prompts.input_ids.shape
   slots = t + params.max_new_tokens
   kv_valid = jnp.zeros((b, slots), bool).at[:, :t].set(prompts.attention_mask.astype(bool))
   causal = jnp.arange(slots)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
-  mask = causal[None] & kv_valid[:, None, :]
-  caches = init_caches(model, b, slots, model.decoder_dtype)
-  hidden, caches = model.hidden_states(prompts.input_ids, prompts.position_ids, vision=prompts.vision, mask=mask,
-                                       caches=caches, cache_index=0, remat=False)
+
+  def run(part: PromptBatch, part_valid: jax.Array):
+    caches = init_caches(model, part.input_ids.shape[0], slots, model.decoder_dtype)
+    hidden, caches = model.hidden_states(part.input_ids, part.position_ids, vision=part.vision,
+                                         mask=causal[None] & part_valid[:, None, :], caches=caches, cache_index=0,
+                                         remat=False)
+    return model.logits(hidden[:, -1]), caches
+
+  k = params.prefill_micro_batches
+  if k == 1:
+    logits, caches = run(prompts, kv_valid)
+  else:
+    if b % k:
+      raise ValueError(f"{b} prompt rows cannot be prefilled in rl.prefill_micro_batches={k} equal parts; choose a "
+                       "divisor of the rollout rows (train.prompts_per_step x rl.group_size)")
+    logits, caches = jax.lax.map(lambda parts: run(*parts),
+                                 (collate.split_rows(prompts, k), kv_valid.reshape(k, b // k, slots)))
+    logits, caches = jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), (logits, caches))
   n = params.max_new_tokens
   return DecodeState(
       step=jnp.zeros((), jnp.int32),
-      logits=model.logits(hidden[:, -1]),
+      logits=logits,
       caches=caches,
       kv_valid=kv_valid,
       next_position=(prompts.attention_mask.sum(axis=1) + prompts.rope_deltas[:, 0]).astype(jnp.int32),

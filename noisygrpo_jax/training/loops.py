@@ -103,12 +103,12 @@ class Run:
     self.config = config
     self.workdir = config.train.workdir
     os.makedirs(self.workdir, exist_ok=True)
-    if kind != "eval":  # evaluating a run must not overwrite the configuration that trained it
-      atomic_io.write_text_atomically(os.path.join(self.workdir, "config.json"), config.to_json_best_effort(indent=2))
     self.mesh = setup.make_mesh(config)
     self.train_examples = setup.load_split(config, "train")
     self.tokenizer = setup.build_tokenizer(config, self.train_examples)
-    model = setup.build_model(config, self.tokenizer, self.mesh)
+    model = setup.build_model(config, self.tokenizer, self.mesh)  # sets micro-batch counts left 0 to the memory check's
+    if kind != "eval":  # evaluating a run must not overwrite the configuration that trained it
+      atomic_io.write_text_atomically(os.path.join(self.workdir, "config.json"), config.to_json_best_effort(indent=2))
     self.setup, self.state = setup.train_setup(config, model, self.mesh,
                                                updates_per_step=config.rl.num_iterations if kind == "rl" else 1)
     del model  # its frozen parameters live on in the state, in the compute dtype only
@@ -308,7 +308,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   rollout_cfg = setup.rollout_config(c, run.tokenizer, run.model().config.vision)
   loss_cfg = setup.loss_config(c)
   chunk = train_step.LossConfig().chunk_size
-  logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk, loss_cfg.group_size))
+  logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk, loss_cfg.group_size, c.train.micro_batches))
   end = c.train.steps if max_steps is None else min(c.train.steps, run.step + max_steps)
   last: dict[str, float] = {}
   if run.step == 0 and c.train.eval_every:

@@ -40,7 +40,12 @@ def validate(config) -> None:
                      "fraction of the diffusion schedule (0 clean, 1 pure noise), so give levels in [0, 1]")
   if rl.advantage == "noisygrpo" and not rl.noise.enabled:
     raise ValueError("rl.advantage='noisygrpo' needs rl.noise.enabled=True (its prior is the noise level)")
-  train_step.check_whole_groups(config.train.prompts_per_step, rl.group_size, config.train.micro_batches)
+  if config.train.micro_batches:  # 0 is chosen by check_memory
+    train_step.check_whole_groups(config.train.prompts_per_step, rl.group_size, config.train.micro_batches)
+  rows = config.train.prompts_per_step * rl.group_size
+  if rl.prefill_micro_batches and rows % rl.prefill_micro_batches:
+    raise ValueError(f"rl.prefill_micro_batches={rl.prefill_micro_batches} does not divide the {rows} rollout rows "
+                     "(train.prompts_per_step x rl.group_size); choose a divisor, or 0 for the fewest that fit")
 
 
 def make_mesh(config):
@@ -111,19 +116,32 @@ def run_shape(config, vision: model_config_lib.VisionConfig) -> memory.RunShape:
   patches = memory.patches_for(d.max_pixels, image.patch_size, image.merge_size**2)
   return memory.RunShape(rows=tr.prompts_per_step * rl.group_size, prompt_len=longest,
                          max_new_tokens=rl.max_new_tokens, patches=memory.smallest_bucket(patches, d.patch_buckets),
-                         micro_batches=tr.micro_batches, freeze_vision=config.optim.freeze_vision,
+                         micro_batches=tr.micro_batches, prefill_micro_batches=rl.prefill_micro_batches,
+                         freeze_vision=config.optim.freeze_vision,
                          reference=bool(rl.beta), compute_dtype=config.model.compute_dtype,
                          group_size=rl.group_size, logits_chunk=train_step.LossConfig().chunk_size)
 
 
 def check_memory(config, model_cfg: model_config_lib.Qwen25VLConfig, mesh_shape) -> memory.MemoryEstimate:
   """Prints the per-device memory estimate; raises MemoryBudgetError when it exceeds the device (unless
-  train.memory_check=False, which only warns)."""
+  train.memory_check=False, which only warns).
+
+  train.micro_batches or rl.prefill_micro_batches 0 are set here to the fewest parts that fit
+  (`memory.fewest_parts`), in `config` itself, which the run then uses.
+  """
+  limit, source = memory.device_memory_bytes(config.train.device_memory_gib)
   run = run_shape(config, model_cfg.vision)
+  micro, prefill = memory.fewest_parts(model_cfg, run, mesh_shape, limit)
+  chosen = {name: value for name, value, asked in (("train.micro_batches", micro, run.micro_batches),
+                                                   ("rl.prefill_micro_batches", prefill, run.prefill_micro_batches))
+            if not asked}
+  config.train.micro_batches, config.rl.prefill_micro_batches = micro, prefill
+  run = dataclasses.replace(run, micro_batches=micro, prefill_micro_batches=prefill)
   est = memory.estimate(model_cfg, run, mesh_shape)
-  limit, source = memory.device_memory_bytes()
   if jax.process_index() == 0:
     print(memory.format_table(est, limit, source, mesh_shape), flush=True)
+    for name, value in chosen.items():
+      print(f"{name}=0: the fewest parts that fit the estimate: {value}", flush=True)
   try:
     memory.check(est, limit, source, model_cfg, run, mesh_shape)
   except memory.MemoryBudgetError as e:
@@ -147,7 +165,8 @@ def sampling_params(config, tokenizer, greedy: bool = False) -> sampler.Sampling
   rl = config.rl
   eos = tuple(sorted({tokenizer.eos_id, tokenizer.special.endoftext}))
   return sampler.SamplingParams(max_new_tokens=rl.max_new_tokens, greedy=greedy, temperature=rl.temperature,
-                                top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos, pad_id=tokenizer.pad_id)
+                                top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos, pad_id=tokenizer.pad_id,
+                                prefill_micro_batches=max(rl.prefill_micro_batches, 1))
 
 
 def image_config(config, vision: model_config_lib.VisionConfig) -> image_lib.ImageProcessorConfig:

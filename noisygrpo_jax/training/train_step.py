@@ -25,6 +25,7 @@ from noisygrpo_jax import sharding
 from noisygrpo_jax.models.qwen2_5_vl import host
 from noisygrpo_jax.models.qwen2_5_vl.model import causal_mask
 from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
+from noisygrpo_jax.processing import collate
 from noisygrpo_jax.rl import logprobs as logprobs_lib
 from noisygrpo_jax.rl import objective
 from noisygrpo_jax.sampling import sampler
@@ -138,7 +139,8 @@ def completion_logps(model, batch: TokenBatch, chunk_size: int, temperature: flo
     raise ValueError(f"{n} rows are not whole groups of group_size={group_size} rollouts of one prompt")
   else:
     hidden = shared_prompt_hidden(model, batch, group_size)
-  return logprobs_lib.chunked_token_logprobs(hidden, model.lm_head_kernel(), batch.input_ids[:, prompt_len:],
+  weights, vocab_axis = model.lm_head_weights()
+  return logprobs_lib.chunked_token_logprobs(hidden, weights, batch.input_ids[:, prompt_len:], vocab_axis=vocab_axis,
                                              chunk_size=chunk_size, temperature=temperature)
 
 
@@ -173,15 +175,6 @@ def check_whole_groups(prompts: int, group_size: int, micro_batches: int) -> Non
                      "to a divisor of train.prompts_per_step")
 
 
-def split_micro_batches(batch: TokenBatch, k: int) -> TokenBatch:
-  """[N, ...] -> [k, N/k, ...] (position_ids: [3, N, L] -> [k, 3, N/k, L])."""
-  def split(x, axis=0):
-    x = jnp.moveaxis(x, axis, 0)
-    return jnp.moveaxis(x.reshape((k, x.shape[0] // k) + x.shape[1:]), 1, axis + 1)
-  return jax.tree.map(split, batch.replace(position_ids=None)).replace(
-      position_ids=split(batch.position_ids, axis=1))
-
-
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: LossConfig,
                     micro_batches: int = 1) -> Callable:
   """The un-jitted step: (state, batch) -> (state, metrics, logps).
@@ -207,7 +200,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Loss
     if micro_batches == 1:  # no accumulator: the gradient is the step's only copy
       grads, (num, sums, logps) = grad_fn(state.params, state.frozen, batch, total_den)
       return grads, num, sums, logps
-    micro = split_micro_batches(batch, micro_batches)
+    micro = collate.split_rows(batch, micro_batches)
 
     def accumulate(carry, micro_batch):
       grads, num, sums = carry
@@ -245,11 +238,18 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, cfg: Loss
   return step
 
 
-def logps_fn(graphdef, chunk_size: int, group_size: int = 1) -> Callable:
+def logps_fn(graphdef, chunk_size: int, group_size: int = 1, micro_batches: int = 1) -> Callable:
   """(params, batch) -> float32 [N, M] completion log-probs, without gradient (the reference policy), in the
-  parameters' dtypes; rows in groups of `group_size` sharing their prompt (see `completion_logps`)."""
-  return lambda params, batch: completion_logps(nnx.merge(graphdef, params), batch, chunk_size,
-                                                group_size=group_size)
+  parameters' dtypes; rows in groups of `group_size` sharing their prompt (see `completion_logps`), computed
+  `micro_batches` parts of whole groups at a time (`jax.lax.map`) to bound the activations."""
+  def fn(params, batch: TokenBatch) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    logps = lambda part: completion_logps(model, part, chunk_size, group_size=group_size)
+    if micro_batches == 1:
+      return logps(batch)
+    check_whole_groups(batch.input_ids.shape[0] // group_size, group_size, micro_batches)
+    return jax.lax.map(logps, collate.split_rows(batch, micro_batches)).reshape(batch.completion_mask.shape)
+  return fn
 
 
 # ------------------------------------------------------------------------------------------------

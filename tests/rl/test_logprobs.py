@@ -76,6 +76,19 @@ def test_values_and_gradients_match_naive(vocab, chunk):
     np.testing.assert_allclose(np.asarray(gc), np.asarray(gn), atol=1e-5, rtol=1e-4)
 
 
+def test_vocabulary_major_head_equals_the_transposed_kernel():
+  """vocab_axis=0 slices a tied embedding table [V, D] directly: same log-probs, entropy and gradients as [D, V]."""
+  hidden, lm_head, targets = _inputs(1000)
+  fn = lambda h, w, axis: lp_lib.chunked_token_logprobs(h, w, targets, chunk_size=128, return_entropy=True,
+                                                        vocab_axis=axis)
+  for a, b in zip(fn(hidden, lm_head, 1), fn(hidden, lm_head.T, 0)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+  grad = lambda w, axis: jax.grad(lambda h, w: fn(h, w, axis)[0].sum(), argnums=(0, 1))(hidden, w)
+  (gh1, gw1), (gh0, gw0) = grad(lm_head, 1), grad(lm_head.T, 0)
+  np.testing.assert_allclose(np.asarray(gh1), np.asarray(gh0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw0).T, rtol=1e-5, atol=1e-6)
+
+
 def test_bfloat16_hidden_states_accumulate_in_float32():
   hidden, lm_head, targets = _inputs(1000)
   hidden, lm_head = hidden.astype(jnp.bfloat16), lm_head.astype(jnp.bfloat16)

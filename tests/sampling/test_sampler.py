@@ -1,5 +1,6 @@
 """The jitted sampler against transformers' generate and against uncached forward passes (tiny model)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -102,6 +103,23 @@ def test_same_key_same_samples_different_key_different(setup):
   c = np.asarray(S.generate(ours, prompts, jax.random.key(4), params).tokens)
   np.testing.assert_array_equal(a, b)
   assert (a != c).any()
+
+
+def test_prefill_in_micro_batches_equals_one_prefill(setup):
+  """rl.prefill_micro_batches: the rows prefilled in parts give the same cache, logits and samples."""
+  _, ours, ids, mask, pv = setup
+  prompts = _prompts(ours, ids, mask, pv)
+  graphdef, state = nnx.split(ours)
+  params = S.SamplingParams(max_new_tokens=6, top_k=50, eos_ids=(), pad_id=0)
+  one = S.prefill(graphdef, state, prompts, jax.random.key(0), params)
+  two = S.prefill(graphdef, state, prompts, jax.random.key(0), dataclasses.replace(params, prefill_micro_batches=2))
+  for a, b in zip(jax.tree.leaves(one.replace(key=None)), jax.tree.leaves(two.replace(key=None))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+  tokens = [np.asarray(S.generate(ours, prompts, jax.random.key(1), p).tokens)
+            for p in (params, dataclasses.replace(params, prefill_micro_batches=2))]
+  np.testing.assert_array_equal(*tokens)
+  with pytest.raises(ValueError, match="rl.prefill_micro_batches=3"):
+    S.prefill(graphdef, state, prompts, jax.random.key(0), dataclasses.replace(params, prefill_micro_batches=3))
 
 
 def test_second_call_in_the_same_bucket_does_not_compile(setup):

@@ -93,11 +93,17 @@ class Qwen25VL(nnx.Module):
     the model was merged with, whatever config.dtype built it."""
     return self.language_model.embed_tokens.embedding.dtype
 
+  def lm_head_weights(self) -> tuple[jax.Array, int]:
+    """The output projection as stored, and its vocabulary axis: the embedding table [V, D] when tied (axis 0), the
+    kernel [D, V] otherwise (axis 1); for slicing vocabulary chunks without a transposed copy."""
+    if self.lm_head is None:
+      return self.language_model.embed_tokens.embedding[...], 0
+    return self.lm_head.kernel[...], 1
+
   def lm_head_kernel(self) -> jax.Array:
     """[D, V]: the output projection (the transposed embedding table when tied)."""
-    if self.lm_head is None:
-      return self.language_model.embed_tokens.embedding[...].T
-    return self.lm_head.kernel[...]
+    weights, vocab_axis = self.lm_head_weights()
+    return weights.T if vocab_axis == 0 else weights
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """[..., D] -> float32 [..., V]."""
