@@ -96,6 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.init_from = ""  # a checkpoint directory of our own (e.g. the SFT warm start) to start from
   c.train.memory_check = True  # refuse to build a model whose estimated memory exceeds the device's (False: warn only)
   c.train.device_memory_gib = 0.0  # memory per device the check plans for (H100 80GB: 79.6); 0 = the device's limit
+  c.train.peak_tflops = 0.0  # a device's bf16 peak for the logged MFU; 0 = by device kind (none for CPUs: MFU NaN)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # data-parallel axis size

@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, Stopwatch, best_ceilings, ceilings_line, command_line, decode_step_flops,  # noqa: E402
-                    load_average, machine, machine_ceilings, matmul_peak, slice_3b, stats, summary_row, timed,
-                    train_step_flops, write_json, write_markdown)
+from common import (REPO, Stopwatch, best_ceilings, ceilings_line, command_line, load_average, machine,  # noqa: E402
+                    machine_ceilings, matmul_peak, slice_3b, stats, summary_row, timed, write_json, write_markdown)
+from noisygrpo_jax.training.throughput import decode_step_flops, train_step_flops  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -598,7 +598,7 @@ def gpu_train(args, peak_flops: float) -> list[str]:
   lines = [f"train step: {'tiny (smoke)' if args.smoke else 'Qwen2.5-VL-3B'}, bfloat16 params, vision frozen, GRPO "
            f"loss (beta 0.04), AdamW; per row one image of grid {grid} + text, {completion} completion tokens; rows "
            f"double from {args.train_min_rows} to at most {max_rows} until out of memory; {args.train_steps} timed "
-           f"steps each after a warm-up; MFU = model FLOPs (common.train_step_flops: no remat recompute) / median "
+           f"steps each after a warm-up; MFU = model FLOPs (throughput.train_step_flops: no remat recompute) / median "
            f"step time / {peak_flops:.3g} FLOP/s (XLA's count includes the recompute)"]
   for remat in (True, False):
     try:

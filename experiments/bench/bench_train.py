@@ -12,7 +12,7 @@ and AdamW) under jax.jit with the state donated; PyTorch is the same step writte
 Qwen2_5_VLForConditionalGeneration (forward with logits_to_keep = completion + 1 as TRL does, log-softmax
 gather of the completion tokens, the same loss, loss.backward(), clip_grad_norm_, torch.optim.AdamW). Both
 freeze the vision tower (the original's setting) and use a constant learning rate. The first step's losses
-are compared. Utilisation: ours' FLOPs per step counted two ways, analytically (`common.train_step_flops`: 6 x
+are compared. Utilisation: ours' FLOPs per step counted two ways, analytically (`throughput.train_step_flops`: 6 x
 matmul weights x tokens for the decoder, attention, the LM head on completion tokens, the frozen vision
 forward) and by XLA's cost analysis of the compiled step, each over ours' wall time as a fraction of this
 machine's float32 matmul peak measured in the same run (jitted square jnp.dot, n = 2048 and 4096, before and
@@ -37,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, Stopwatch, best_ceilings, ceilings_line, command_line, load_average, machine,  # noqa: E402
-                    machine_ceilings, peak_rss_gb, slice_3b, stats, summary_row, timed, train_step_flops, write_json,
-                    write_markdown)
+                    machine_ceilings, peak_rss_gb, slice_3b, stats, summary_row, timed, write_json, write_markdown)
+from noisygrpo_jax.training.throughput import train_step_flops  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import flax.struct
 import jax
@@ -205,11 +206,23 @@ def decode(graphdef, model_state, state: DecodeState, prompt_len: int, params: S
       state)
 
 
-def generate(model: Qwen25VL, prompts: PromptBatch, key: jax.Array, params: SamplingParams) -> SampleOutput:
-  """Prefill + decode. Compiles once per (batch, prompt bucket, patch bucket, sampling params)."""
+def generate(model: Qwen25VL, prompts: PromptBatch, key: jax.Array, params: SamplingParams,
+             timings: dict[str, float] | None = None) -> SampleOutput:
+  """Prefill + decode. Compiles once per (batch, prompt bucket, patch bucket, sampling params).
+
+  timings: when given, receives the wall seconds of "prefill" and "decode" (each waited for to completion).
+  """
   graphdef, state = nnx.split(model)
+  start = time.perf_counter()
   decode_state = prefill(graphdef, state, prompts, key, params)
+  if timings is not None:
+    jax.block_until_ready(decode_state)
+    timings["prefill"] = time.perf_counter() - start
+    start = time.perf_counter()
   final = decode(graphdef, state, decode_state, prompts.input_ids.shape[1], params)
+  if timings is not None:
+    jax.block_until_ready(final)
+    timings["decode"] = time.perf_counter() - start
   return SampleOutput(tokens=final.tokens, mask=final.mask, logprobs=final.logprobs,
                       sampling_logprobs=final.sampling_logprobs, lengths=final.mask.sum(axis=1))
 

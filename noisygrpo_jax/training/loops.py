@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from noisygrpo_jax import atomic_io
 from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.training import batches, checkpointing, params as params_lib, rollouts, setup, train_step
-from noisygrpo_jax.training import vision_pretrain
+from noisygrpo_jax.training import throughput, vision_pretrain
 from noisygrpo_jax.training.metrics import MetricsWriter
 
 
@@ -305,7 +306,8 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   """Trains until train.steps (or `max_steps` more steps); returns the last logged metrics."""
   run = Run(config, "rl")
   c = config
-  rollout_cfg = setup.rollout_config(c, run.tokenizer, run.model().config.vision)
+  model_config = run.model().config
+  rollout_cfg = setup.rollout_config(c, run.tokenizer, model_config.vision)
   loss_cfg = setup.loss_config(c)
   chunk = train_step.LossConfig().chunk_size
   logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk, loss_cfg.group_size, c.train.micro_batches))
@@ -314,21 +316,36 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   if run.step == 0 and c.train.eval_every:
     run.writer.write(0, run.evaluate_start(c.train.eval_splits))
   bar = run.progress_bar(c.rl.advantage)
+  peak_flops = throughput.peak_flops_per_device(c.train.peak_tflops)
   while run.step < end:
+    start = time.perf_counter()
     examples = run.next_examples(c.train.prompts_per_step)
     key = jax.random.fold_in(run.key, run.step)
     r = rollouts.generate_rollouts(run.model(), run.tokenizer, rollout_cfg, examples, key, run.step, c.train.steps)
     t0 = time.perf_counter()
     batch = r.batch
     if run.reference_params is not None:
-      batch = batch.replace(ref_logps=logps(run.reference(), batch))
+      batch = batch.replace(ref_logps=jax.block_until_ready(logps(run.reference(), batch)))
+    t1 = time.perf_counter()
     train_metrics = run.update(batch, loss_cfg, c.rl.num_iterations)
+    t2 = time.perf_counter()
+    shapes = dict(rows=batch.input_ids.shape[0], prompt_len=batch.input_ids.shape[1] - batch.completion_len,
+                  decode_steps=int(r.metrics["decode/steps"]),
+                  patches=0 if batch.vision is None else batch.vision.pixel_values.shape[1],
+                  group_size=c.rl.group_size, train_vision=not c.optim.freeze_vision,
+                  reference=run.reference_params is not None)
     last = {**r.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
-            "time/train": time.perf_counter() - t0, "data/position": run.data_position}
-    run.finish_step(last, end, bar, dict(reward=f"{last['reward/semantic']:.3f}",
-                                         clean_acc=f"{last['reward/clean_accuracy']:.2f}",
-                                         K=f"{last.get('advantage/kalman_gain', float('nan')):.2f}",
-                                         tok_s=f"{last['throughput/generated_tokens_per_s']:.0f}"))
+            "time/reference": t1 - t0, "time/train": t2 - t1, "time/step": t2 - start,
+            **throughput.step_metrics(model_config, **shapes,
+                                      tokens=r.metrics["tokens/prompt"] + r.metrics["tokens/completion"],
+                                      seconds=t2 - start, devices=jax.device_count(), peak_flops=peak_flops),
+            "data/position": run.data_position}
+    postfix = dict(reward=f"{last['reward/semantic']:.3f}", clean_acc=f"{last['reward/clean_accuracy']:.2f}",
+                   K=f"{last.get('advantage/kalman_gain', float('nan')):.2f}",
+                   tok_s_dev=f"{last['throughput/tokens_per_s_per_device']:.0f}")
+    if math.isfinite(last["throughput/mfu"]):  # known where the device's peak is (not on CPU)
+      postfix["mfu"] = f"{last['throughput/mfu']:.1%}"
+    run.finish_step(last, end, bar, postfix)
   return run.close(last, bar)
 
 

@@ -113,17 +113,19 @@ def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig,
   the step's rollout metrics.
   """
   p, g = len(examples), cfg.group_size
+  start = time.perf_counter()
   level_key, noise_key, sample_key = jax.random.split(key, 3)
   levels = noise_levels(cfg, level_key, p, step, total_steps)
   images = rollout_images(cfg, noise_key, examples, levels)
 
-  t0 = time.perf_counter()
   processed = [[image_lib.process_image(im, cfg.image) for im in group] for group in images]
   chats = encode_prompts(tokenizer, cfg, examples, [group[0].image_grid_thw for group in processed])
   rows = [(chat, im) for chat, group in zip(chats, processed) for im in group]
   sources = [f"example {ex.get('id', i)}" for i, ex in enumerate(examples) for _ in range(g)]
   prompts = collate_rollout_prompts(cfg, model.config, tokenizer.pad_id, rows, sources)
-  out = sampler.generate(model, prompts, sample_key, cfg.sampling)
+  t0 = time.perf_counter()
+  timings = {}
+  out = sampler.generate(model, prompts, sample_key, cfg.sampling, timings)
   tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
   t1 = time.perf_counter()
 
@@ -157,9 +159,15 @@ def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig,
       "completion/length": float(mask.sum(1).mean()),
       "completion/truncated": float((mask[:, -1] > 0).mean()),
       "rollout/kept_fraction": float(np.asarray(trajectory).mean()),
-      "time/generate": t1 - t0,
+      "time/host": t0 - start,  # noise, image processing, prompts, collation
+      "time/generate": t1 - t0,  # prefill + decode
+      "time/prefill": timings["prefill"],
+      "time/decode": timings["decode"],
       "time/reward": t2 - t1,
       "throughput/generated_tokens_per_s": generated / max(t1 - t0, 1e-9),
+      "tokens/prompt": float(np.asarray(prompts.attention_mask).sum()),
+      "tokens/completion": float(generated),
+      "decode/steps": float(mask.sum(1).max()),
   }
   for name in ("kalman_gain", "sigma"):
     if name in diag:

@@ -53,8 +53,15 @@ def test_tiny_run_of_20_steps_writes_metrics_events_and_checkpoints(tmp_path, da
   train_steps = [r["step"] for r in records if "reward/semantic" in r]
   assert train_steps == list(range(1, 21))
   assert {r["step"] for r in records if "eval/test/accuracy" in r} == {0, 10, 20}
-  for key in ("reward/clean_accuracy", "reward/group_std", "advantage/kalman_gain", "train/loss"):
+  for key in ("reward/clean_accuracy", "reward/group_std", "advantage/kalman_gain", "train/loss", "time/host",
+              "time/prefill", "time/decode", "time/reward", "time/reference", "time/train",
+              "throughput/tokens_per_s_per_device", "throughput/model_tflops"):
     assert all(np.isfinite(r[key]) for r in records if "reward/semantic" in r), key
+  step = next(r for r in records if "reward/semantic" in r)
+  parts = sum(step[f"time/{p}"] for p in ("host", "prefill", "decode", "reward", "reference", "train"))
+  assert parts <= step["time/step"] <= parts + 0.5  # the phases account for the step (numpy bookkeeping aside)
+  assert step["throughput/tokens_per_s_per_device"] == pytest.approx(
+      (step["tokens/prompt"] + step["tokens/completion"]) / step["time/step"])  # one CPU device
   assert glob.glob(os.path.join(tmp_path, "tensorboard", "events.out.tfevents.*"))
   assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["10", "20"]
   # Evaluating the run (with another sampling setting) reports per-type accuracy and leaves the run's files alone.
