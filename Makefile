@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-gpu clean
+.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-host bench-gpu clean
 
 setup: $(STAMP)
 
@@ -80,6 +80,10 @@ bench-processing: $(STAMP)
 # The memory estimate against XLA's compiled memory analysis at the 3B width (CPU, abstract inputs, ~1 min).
 bench-memory: $(STAMP)
 	$(PY) experiments/bench/bench_memory.py --markdown $(BENCH_MD) $(ARGS)
+
+# Host seconds per RL step the device waits for: rollout inputs in line or in a background thread (~3 min).
+bench-host: $(STAMP)
+	$(PY) experiments/bench/bench_host.py --markdown $(BENCH_MD) $(ARGS)
 
 # The benchmark-only extras (TRL for bench-e2e) on top of requirements.txt; they change none of its pins.
 BENCH_STAMP := $(VENV)/.bench-installed

@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.min_pixels = 56 * 56  # processor: smallest image area after resizing
   c.data.max_pixels = 1536 * 1536  # processor: largest image area after resizing (the original's)
   c.data.max_prompt_tokens = 0  # prompt length budget in tokens; 0 = no limit (the original's)
+  c.data.prefetch_rollouts = True  # make each step's rollout inputs in a background thread during the step before
   c.data.truncate_prompts = False  # over-budget prompts: False raises naming the example; True cuts the question
   # padded prompt lengths, steps of 1.5x / 1.33x (one compile each); 4096 holds an image at max_pixels (<= 3009 tokens)
   c.data.prompt_buckets = (128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)

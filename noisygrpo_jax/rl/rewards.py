@@ -239,6 +239,24 @@ def _load_sentence_model(path: str):
   return SentenceTransformer(path, device="cpu")
 
 
+_EMBEDDINGS: dict[tuple[str, str], np.ndarray] = {}  # (model directory, text) -> normalised embedding
+_EMBEDDINGS_LIMIT = 65536  # texts kept; the cache is emptied when a batch would pass it
+
+
+def embed_texts(texts: Sequence[str], *, model_path: str | None = None) -> np.ndarray:
+  """Normalised sentence embeddings, float64 [N, E], of `texts`: those not embedded before are encoded in one
+  batched call and kept (per model and text), so a step's rewards cost one call (`AccuracyReward.prepare`)."""
+  path = os.path.realpath(model_path or default_semantic_model_path())
+  missing = list(dict.fromkeys(t for t in texts if (path, t) not in _EMBEDDINGS))
+  if missing:
+    if len(_EMBEDDINGS) + len(missing) > _EMBEDDINGS_LIMIT:
+      _EMBEDDINGS.clear()
+    encoded = load_sentence_model(path).encode(missing, convert_to_numpy=True, normalize_embeddings=True,
+                                               show_progress_bar=False).astype(np.float64)
+    _EMBEDDINGS.update({(path, text): e for text, e in zip(missing, encoded)})
+  return np.stack([_EMBEDDINGS[(path, text)] for text in texts])
+
+
 def cosine_similarities(texts_a: Sequence[str], texts_b: Sequence[str], *, model_path: str | None = None
                         ) -> np.ndarray:
   """Cosine similarity of the sentence embeddings of each pair, float64 [N], clipped to [-1, 1]."""
@@ -246,9 +264,7 @@ def cosine_similarities(texts_a: Sequence[str], texts_b: Sequence[str], *, model
     raise ValueError(f"got {len(texts_a)} and {len(texts_b)} texts; they are compared pairwise")
   if not texts_a:
     return np.zeros((0,), np.float64)
-  model = load_sentence_model(model_path)
-  emb = model.encode(list(texts_a) + list(texts_b), convert_to_numpy=True, normalize_embeddings=True,
-                     show_progress_bar=False).astype(np.float64)
+  emb = embed_texts(list(texts_a) + list(texts_b), model_path=model_path)
   n = len(texts_a)
   return np.clip((emb[:n] * emb[n:]).sum(-1), -1.0, 1.0)
 
@@ -330,9 +346,30 @@ def accuracy_reward(completion: str, solution: str, question: str = "", *, mode:
   return semantic_similarity(answer, solution, model_path=model_path, floor=floor)
 
 
+class AccuracyReward:
+  """`accuracy_reward` with fixed keyword options, as a three-argument reward function. In "semantic" mode its
+  `prepare`, which `combine_rewards` calls once per batch, embeds the batch's answers and references in one call."""
+
+  def __init__(self, **options):
+    self.options = options
+
+  def __call__(self, completion: str, solution: str, question: str = "") -> float:
+    return accuracy_reward(completion, solution, question, **self.options)
+
+  def prepare(self, completions: Sequence[str], solutions: Sequence[str]) -> None:
+    if self.options.get("mode", "semantic") != "semantic":
+      return
+    answers = [a for a in map(extract_answer, completions) if a is not None]
+    if answers:
+      embed_texts(answers + list(solutions), model_path=self.options.get("model_path"))
+
+  def __repr__(self) -> str:
+    return f"AccuracyReward({self.options})"
+
+
 def make_accuracy_reward(**options) -> RewardFunction:
-  """`accuracy_reward` with fixed keyword options, as a three-argument reward function."""
-  return functools.partial(accuracy_reward, **options)
+  """`accuracy_reward` with fixed keyword options, as a three-argument reward function (`AccuracyReward`)."""
+  return AccuracyReward(**options)
 
 
 # The accuracy rewards by name, and their mode ("accuracy" is the original's `correctness_bem_score`).
@@ -429,6 +466,8 @@ def combine_rewards(completions: Sequence[str], solutions: Sequence[str], questi
       mapping name -> callable.
     weights: one per function (default 1 each, the original's unweighted sum).
     raise_if_all_fail: raise when one function fails on all N > 0 rollouts (else it just scores 0 everywhere).
+    A function with a `prepare(completions, solutions)` method has it called once before its rollouts are scored
+    (`AccuracyReward`: one batched embedding call for the batch).
 
   Returns:
     (per_function float32 [N, F], total float32 [N], failures {function name: number of rollouts where it
@@ -449,6 +488,12 @@ def combine_rewards(completions: Sequence[str], solutions: Sequence[str], questi
   scores = np.zeros((n, len(named)), np.float64)
   failures = {name: 0 for name, _ in named}
   for j, (name, fn) in enumerate(named):
+    prepare = getattr(fn, "prepare", None)
+    if prepare is not None:  # e.g. one batched embedding call for the whole batch
+      try:
+        prepare(completions, solutions)
+      except Exception as e:  # the rollouts' own calls then fail, are counted, and name the error
+        logger.warning("reward function %r could not prepare its batch: %s", name, e)
     first_error = None
     for i in range(n):
       scores[i, j], error = _score(fn, completions[i], solutions[i], questions[i])

@@ -7,6 +7,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -191,10 +192,14 @@ class Run:
     self.state = self.state.replace(params=trainable, frozen=frozen)
     self._rollout_params = None
 
+  def examples_at(self, position: int, count: int) -> list[dict]:
+    """The `count` training examples from data position `position` on."""
+    return [self.train_examples[i] for i in self.order.take(position, count)]
+
   def next_examples(self, count: int) -> list[dict]:
-    indices = self.order.take(self.data_position, count)
+    examples = self.examples_at(self.data_position, count)
     self.data_position += count
-    return [self.train_examples[i] for i in indices]
+    return examples
 
   def _step(self, loss_cfg: train_step.LossConfig, batch_sh: train_step.TokenBatch):
     """The jitted update for `loss_cfg` (compiled once per configuration)."""
@@ -302,6 +307,42 @@ class Run:
     return last
 
 
+class RolloutInputs:
+  """Each step's rollout inputs (`rollouts.prepare_rollouts`: its examples, noise, image processing, prompts),
+  made in a background thread while the device runs the step before, when `prefetch`; else in line. They depend on
+  the step number and data position only, so both ways give the same inputs."""
+
+  def __init__(self, run: Run, cfg: rollouts.RolloutConfig, model_config, prefetch: bool):
+    self.run, self.cfg, self.model_config = run, cfg, model_config
+    self.executor = concurrent.futures.ThreadPoolExecutor(1, "rollout-inputs") if prefetch else None
+    self.pending: tuple[tuple[int, int], concurrent.futures.Future] | None = None
+
+  def _prepare(self, step: int, position: int) -> rollouts.PreparedPrompts:
+    c = self.run.config
+    examples = self.run.examples_at(position, c.train.prompts_per_step)
+    return rollouts.prepare_rollouts(self.run.tokenizer, self.cfg, self.model_config, examples,
+                                     jax.random.fold_in(self.run.key, step), step, c.train.steps)
+
+  def take(self, step: int, position: int) -> tuple[rollouts.PreparedPrompts, float]:
+    """(step `step`'s inputs from data position `position`, the host seconds the caller waited for them)."""
+    start = time.perf_counter()
+    if self.pending is not None and self.pending[0] == (step, position):
+      prepared = self.pending[1].result()
+    else:
+      prepared = self._prepare(step, position)
+    self.pending = None
+    return prepared, time.perf_counter() - start
+
+  def prefetch(self, step: int, position: int) -> None:
+    """Starts making step `step`'s inputs (no-op without prefetching)."""
+    if self.executor is not None:
+      self.pending = ((step, position), self.executor.submit(self._prepare, step, position))
+
+  def close(self) -> None:
+    if self.executor is not None:
+      self.executor.shutdown(cancel_futures=True)
+
+
 def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   """Trains until train.steps (or `max_steps` more steps); returns the last logged metrics."""
   run = Run(config, "rl")
@@ -317,35 +358,42 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
     run.writer.write(0, run.evaluate_start(c.train.eval_splits))
   bar = run.progress_bar(c.rl.advantage)
   peak_flops = throughput.peak_flops_per_device(c.train.peak_tflops)
-  while run.step < end:
-    start = time.perf_counter()
-    examples = run.next_examples(c.train.prompts_per_step)
-    key = jax.random.fold_in(run.key, run.step)
-    r = rollouts.generate_rollouts(run.model(), run.tokenizer, rollout_cfg, examples, key, run.step, c.train.steps)
-    t0 = time.perf_counter()
-    batch = r.batch
-    if run.reference_params is not None:
-      batch = batch.replace(ref_logps=jax.block_until_ready(logps(run.reference(), batch)))
-    t1 = time.perf_counter()
-    train_metrics = run.update(batch, loss_cfg, c.rl.num_iterations)
-    t2 = time.perf_counter()
-    shapes = dict(rows=batch.input_ids.shape[0], prompt_len=batch.input_ids.shape[1] - batch.completion_len,
-                  decode_steps=int(r.metrics["decode/steps"]),
-                  patches=0 if batch.vision is None else batch.vision.pixel_values.shape[1],
-                  group_size=c.rl.group_size, train_vision=not c.optim.freeze_vision,
-                  reference=run.reference_params is not None)
-    last = {**r.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
-            "time/reference": t1 - t0, "time/train": t2 - t1, "time/step": t2 - start,
-            **throughput.step_metrics(model_config, **shapes,
-                                      tokens=r.metrics["tokens/prompt"] + r.metrics["tokens/completion"],
-                                      seconds=t2 - start, devices=jax.device_count(), peak_flops=peak_flops),
-            "data/position": run.data_position}
-    postfix = dict(reward=f"{last['reward/semantic']:.3f}", clean_acc=f"{last['reward/clean_accuracy']:.2f}",
-                   K=f"{last.get('advantage/kalman_gain', float('nan')):.2f}",
-                   tok_s_dev=f"{last['throughput/tokens_per_s_per_device']:.0f}")
-    if math.isfinite(last["throughput/mfu"]):  # known where the device's peak is (not on CPU)
-      postfix["mfu"] = f"{last['throughput/mfu']:.1%}"
-    run.finish_step(last, end, bar, postfix)
+  inputs = RolloutInputs(run, rollout_cfg, model_config, c.data.prefetch_rollouts)
+  try:
+    while run.step < end:
+      start = time.perf_counter()
+      prepared, waited = inputs.take(run.step, run.data_position)
+      run.data_position += c.train.prompts_per_step
+      if run.step + 1 < end:
+        inputs.prefetch(run.step + 1, run.data_position)
+      r = rollouts.sample_rollouts(run.model(), run.tokenizer, rollout_cfg, prepared, host_seconds=waited)
+      t0 = time.perf_counter()
+      batch = place_batch(r.batch, train_step.batch_shardings(r.batch, run.mesh))  # once, for both passes
+      if run.reference_params is not None:
+        batch = batch.replace(ref_logps=jax.block_until_ready(logps(run.reference(), batch)))
+      t1 = time.perf_counter()
+      train_metrics = run.update(batch, loss_cfg, c.rl.num_iterations)
+      t2 = time.perf_counter()
+      shapes = dict(rows=batch.input_ids.shape[0], prompt_len=batch.input_ids.shape[1] - batch.completion_len,
+                    decode_steps=int(r.metrics["decode/steps"]),
+                    patches=0 if batch.vision is None else batch.vision.pixel_values.shape[1],
+                    group_size=c.rl.group_size, train_vision=not c.optim.freeze_vision,
+                    reference=run.reference_params is not None)
+      last = {**r.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
+              "time/reference": t1 - t0, "time/train": t2 - t1, "time/step": t2 - start,
+              "time/host_work": prepared.seconds,  # made in the background with data.prefetch_rollouts
+              **throughput.step_metrics(model_config, **shapes,
+                                        tokens=r.metrics["tokens/prompt"] + r.metrics["tokens/completion"],
+                                        seconds=t2 - start, devices=jax.device_count(), peak_flops=peak_flops),
+              "data/position": run.data_position}
+      postfix = dict(reward=f"{last['reward/semantic']:.3f}", clean_acc=f"{last['reward/clean_accuracy']:.2f}",
+                     K=f"{last.get('advantage/kalman_gain', float('nan')):.2f}",
+                     tok_s_dev=f"{last['throughput/tokens_per_s_per_device']:.0f}")
+      if math.isfinite(last["throughput/mfu"]):  # known where the device's peak is (not on CPU)
+        postfix["mfu"] = f"{last['throughput/mfu']:.1%}"
+      run.finish_step(last, end, bar, postfix)
+  finally:
+    inputs.close()
   return run.close(last, bar)
 
 

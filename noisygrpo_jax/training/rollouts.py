@@ -105,27 +105,56 @@ def collate_rollout_prompts(cfg: RolloutConfig, model_config, pad_id: int, rows,
                              "data.prompt_buckets), or lower data.max_pixels so images yield fewer patches") from e
 
 
-def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, examples: Sequence[dict], key,
-                      step: int, total_steps: int) -> Rollouts:
-  """Samples G rollouts per example, scores them and computes advantages.
+@dataclasses.dataclass
+class PreparedPrompts:
+  """One step's rollout inputs, made on the host from its examples alone (no model state): they can be made while
+  the device runs the previous step (`prepare_rollouts` in a background thread)."""
 
-  Returns a TokenBatch of P * G rows (advantages and trajectory mask filled; old/ref log-probs zero) and
-  the step's rollout metrics.
-  """
-  p, g = len(examples), cfg.group_size
+  examples: Sequence[dict]
+  levels: np.ndarray  # float32 [P, G] noise levels
+  chats: list[chat_template.EncodedChat]  # one per example
+  prompts: collate.PromptBatch  # P * G rows: each rollout's noisy image
+  sample_key: jax.Array
+  seconds: float  # host seconds spent making them
+
+
+def prepare_rollouts(tokenizer: Tokenizer, cfg: RolloutConfig, model_config, examples: Sequence[dict], key,
+                     step: int, total_steps: int) -> PreparedPrompts:
+  """Noise levels, noisy images (at native resolution), processing, prompts and collation of one step's rollouts."""
   start = time.perf_counter()
+  p, g = len(examples), cfg.group_size
   level_key, noise_key, sample_key = jax.random.split(key, 3)
   levels = noise_levels(cfg, level_key, p, step, total_steps)
   images = rollout_images(cfg, noise_key, examples, levels)
-
   processed = [[image_lib.process_image(im, cfg.image) for im in group] for group in images]
   chats = encode_prompts(tokenizer, cfg, examples, [group[0].image_grid_thw for group in processed])
   rows = [(chat, im) for chat, group in zip(chats, processed) for im in group]
   sources = [f"example {ex.get('id', i)}" for i, ex in enumerate(examples) for _ in range(g)]
-  prompts = collate_rollout_prompts(cfg, model.config, tokenizer.pad_id, rows, sources)
+  prompts = collate_rollout_prompts(cfg, model_config, tokenizer.pad_id, rows, sources)
+  return PreparedPrompts(examples, levels, chats, prompts, sample_key, time.perf_counter() - start)
+
+
+def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, examples: Sequence[dict], key,
+                      step: int, total_steps: int) -> Rollouts:
+  """Samples G rollouts per example, scores them and computes advantages (`prepare_rollouts`, then
+  `sample_rollouts`)."""
+  prepared = prepare_rollouts(tokenizer, cfg, model.config, examples, key, step, total_steps)
+  return sample_rollouts(model, tokenizer, cfg, prepared)
+
+
+def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, prepared: PreparedPrompts,
+                    host_seconds: float | None = None) -> Rollouts:
+  """Generates from prepared prompts, scores the completions and computes advantages.
+
+  Returns a TokenBatch of P * G rows (advantages and trajectory mask filled; old/ref log-probs zero) and the step's
+  rollout metrics. host_seconds: the preparation's seconds the step waited for (`time/host`; default: all of them,
+  as when it was made in line).
+  """
+  examples, levels, chats, prompts = prepared.examples, prepared.levels, prepared.chats, prepared.prompts
+  p, g = len(examples), cfg.group_size
   t0 = time.perf_counter()
   timings = {}
-  out = sampler.generate(model, prompts, sample_key, cfg.sampling, timings)
+  out = sampler.generate(model, prompts, prepared.sample_key, cfg.sampling, timings)
   tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
   t1 = time.perf_counter()
 
@@ -159,7 +188,7 @@ def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig,
       "completion/length": float(mask.sum(1).mean()),
       "completion/truncated": float((mask[:, -1] > 0).mean()),
       "rollout/kept_fraction": float(np.asarray(trajectory).mean()),
-      "time/host": t0 - start,  # noise, image processing, prompts, collation
+      "time/host": prepared.seconds if host_seconds is None else host_seconds,  # noise, processing, collation
       "time/generate": t1 - t0,  # prefill + decode
       "time/prefill": timings["prefill"],
       "time/decode": timings["decode"],

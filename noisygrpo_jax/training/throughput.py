@@ -70,9 +70,10 @@ def rl_step_flops(config, rows: int, prompt_len: int, completion: int, patches: 
   with `completion` generated tokens and `patches` patches per image.
 
   prefill: the vision tower on every rollout's image and the decoder over its prompt, once per row; decode: one
-  `decode_step_flops` per generated token (the masked cache is read in full: T + N slots); reference: the forward of the log-prob pass; update: forward + backward (`train_step_flops`). The policy
-  passes run the vision tower once per group (`train_step.shared_prompt_hidden`); their decoder is counted over
-  full rows, an over-count of the shared prompt's (G - 1) / G repeats.
+  `decode_step_flops` per generated token (the masked cache is read in full: T + N slots); reference: the forward
+  of the log-prob pass; update: forward + backward (`train_step_flops`). The policy passes run the vision tower
+  once per group (`train_step.shared_prompt_hidden`); their decoder is counted over full rows, an over-count of the
+  shared prompt's (G - 1) / G repeats.
   """
   text = config.text
   slots = prompt_len + completion

@@ -190,6 +190,25 @@ def test_a_shape_bucket_compiles_once():
                                                                                  quantize="none")), atol=1e-6)
 
 
+def test_images_of_any_shape_share_a_length_buckets_program_with_their_own_values():
+  """noisy_copies pads the flat pixels to a length bucket: images of other shapes in one bucket compile once, and
+  each gets exactly the noise of its own shape (compared with the unpadded program, bit for bit)."""
+  levels = jnp.asarray(noise.fixed_levels())
+  rng = np.random.default_rng(0)
+  shapes = [(37, 53, 3), (53, 37, 3), (40, 49, 3)]  # 5883, 5883 and 5880 pixels: one bucket (6144)
+  assert len({noise.flat_length_bucket(int(np.prod(s))) for s in shapes}) == 1
+  before = noise._noisy_copies._cache_size()
+  for seed, shape in enumerate(shapes):
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    for quantize in ("wrap", "none"):
+      out = noise.noisy_copies(jax.random.key(seed), image, levels, quantize=quantize)
+      own = noise._noisy_copies(jax.random.key(seed), jnp.asarray(image), levels, quantize)
+      assert out.shape == own.shape == (4,) + shape
+      np.testing.assert_array_equal(np.asarray(out), np.asarray(own))
+  # One program per quantize mode for the bucket, plus the unpadded references (one per shape and mode).
+  assert noise._noisy_copies._cache_size() - before == 2 + 2 * 3
+
+
 def test_fixed_and_uniform_levels():
   np.testing.assert_array_equal(noise.fixed_levels(), np.array([0.0, 0.3, 0.6, 0.9], np.float32))
   assert noise.fixed_levels().dtype == np.float32

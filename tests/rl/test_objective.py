@@ -194,8 +194,8 @@ def test_aggregate_and_padding_rows():
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
 def test_extreme_log_probs_on_padding_never_give_nan(kl):
   """Padded positions (mask 0) may hold any log-probs: differences of 1e4 to the old and reference policies make
-  the ratio's and k3's exponentials overflow to inf there, which times a mask of 0 would be NaN. The loss and its gradient must be finite and
-  equal to those of the same batch with harmless padding values."""
+  the ratio's and k3's exponentials overflow to inf there, which times a mask of 0 would be NaN. The loss and its
+  gradient must be finite and equal to those of the same batch with harmless padding values."""
   pad = 1 - np.asarray(MASK)
   extreme_old = np.where(pad, -1e4, np.asarray(OLD))
   extreme_ref = np.where(pad, 1e4, np.asarray(REF))

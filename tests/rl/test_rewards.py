@@ -373,3 +373,22 @@ def test_combine_rewards_errors():
     rw.combine_rewards(["a"], ["x"], ["q"], ["format"], weights=[1.0, 2.0])
   with pytest.raises(ValueError, match="unknown reward function"):
     rw.combine_rewards(["a"], ["x"], ["q"], ["bleu"])
+
+
+def test_semantic_rewards_embed_a_batch_in_one_call(monkeypatch):
+  """combine_rewards embeds the batch's answers and references once (AccuracyReward.prepare), not per rollout, and
+  scores as the per-pair computation does."""
+  model = rw.load_sentence_model()
+  calls = []
+  encode = model.encode
+  monkeypatch.setattr(model, "encode", lambda texts, **kw: calls.append(len(texts)) or encode(texts, **kw))
+  monkeypatch.setattr(rw, "_EMBEDDINGS", {})
+  answers = ["a red square", "two circles", "a blue triangle", "yes", "three", "a green circle"]
+  completions = [f"<think>x</think><answer>{a}</answer>" for a in answers]
+  solutions = ["a red square", "three circles", "a blue triangle", "no", "3", "a big green circle"]
+  scores, _, failures = rw.combine_rewards(completions, solutions, [""] * 6, ["accuracy"])
+  assert calls == [10] and failures == {"accuracy": 0}  # 12 texts, 10 distinct: one call
+  monkeypatch.setattr(rw, "_EMBEDDINGS", {})
+  one_by_one = [rw.semantic_similarity(a, s) for a, s in zip(answers, solutions)]
+  np.testing.assert_allclose(scores[:, 0], one_by_one, atol=1e-5)
+  assert scores[0, 0] == pytest.approx(1.0, abs=1e-5) and scores[1, 0] > 0  # identical; a near miss clears 0.6

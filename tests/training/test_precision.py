@@ -88,8 +88,9 @@ def test_rollout_and_reference_copies_share_the_frozen_tower_and_are_bf16(bf16_r
   # One RL step as run_rl takes it: the update leaves the frozen tower's buffers alive and in place, and the next
   # rollout copy is made from the updated master weights.
   c = run.config
-  r = rollouts.generate_rollouts(run.model(), run.tokenizer, setup.rollout_config(c, run.tokenizer, run.model().config.vision),
-                                 run.next_examples(c.train.prompts_per_step), jax.random.key(0), 0, c.train.steps)
+  rollout_cfg = setup.rollout_config(c, run.tokenizer, run.model().config.vision)
+  r = rollouts.generate_rollouts(run.model(), run.tokenizer, rollout_cfg, run.next_examples(c.train.prompts_per_step),
+                                 jax.random.key(0), 0, c.train.steps)
   logps = jax.jit(ts.logps_fn(run.setup.graphdef, 64, c.rl.group_size))
   frozen_before = _buffers(run.state.frozen)
   run.update(r.batch.replace(ref_logps=logps(run.reference(), r.batch)), setup.loss_config(c))

@@ -102,13 +102,14 @@ class VisionBatch:
 
 
 def pack_vision_row(patches: Sequence[np.ndarray], grids: Sequence[Sequence[int]], vision: VisionConfig,
-                    num_patches: int) -> dict[str, np.ndarray]:
+                    num_patches: int, pixel_values: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Packs one row's images/videos (in the order their tokens appear) into `num_patches` patches.
 
   Args:
     patches: float [t*h*w, patch_dim] per image or video.
     grids: (t, h, w) per image or video.
     num_patches: the bucket P, a multiple of vision.merge_unit and >= the total patch count.
+    pixel_values: optional float32 [P, patch_dim] zeros to write the patches into (a batch's row: no copy).
   Returns:
     the fields of VisionBatch for this row, without the batch axis.
   """
@@ -118,9 +119,12 @@ def pack_vision_row(patches: Sequence[np.ndarray], grids: Sequence[Sequence[int]
   if num_patches % unit or num_patches < total:
     raise ValueError(f"patch bucket {num_patches} must be a multiple of {unit} and hold the row's {total} "
                      "patches; choose a larger bucket or fewer/smaller images.")
-  pixel_values = np.zeros((num_patches, vision.patch_dim), np.float32)
-  if total:
-    pixel_values[:total] = np.concatenate([np.asarray(p, np.float32) for p in patches], axis=0)
+  if pixel_values is None:
+    pixel_values = np.zeros((num_patches, vision.patch_dim), np.float32)
+  start = 0
+  for p in patches:
+    pixel_values[start:start + len(p)] = p
+    start += len(p)
   n_merged, n_pad = total // unit, (num_patches - total) // unit
 
   index, window_ids = window_index(grid, vision)
@@ -147,8 +151,10 @@ def pack_vision_batch(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[Sequen
   if num_patches is None:
     largest = max((sum(int(np.prod(g)) for g in grids) for _, grids in rows), default=0)
     num_patches = max(vision.merge_unit, -(-largest // vision.merge_unit) * vision.merge_unit)
-  packed = [pack_vision_row(p, g, vision, num_patches) for p, g in rows]
-  return VisionBatch(**{k: np.stack([r[k] for r in packed]) for k in packed[0]})
+  # The pixels, the bulk, are written once into the batch array; the small index fields are stacked.
+  pixels = np.zeros((len(rows), num_patches, vision.patch_dim), np.float32)
+  packed = [pack_vision_row(p, g, vision, num_patches, pixels[r]) for r, (p, g) in enumerate(rows)]
+  return VisionBatch(**{k: pixels if k == "pixel_values" else np.stack([r[k] for r in packed]) for k in packed[0]})
 
 
 # ------------------------------------------------------------------------------------------------
