@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from noisygrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from noisygrpo_jax.models.qwen2_5_vl.text import QUERY_CHUNK
 from noisygrpo_jax.models.qwen2_5_vl.vision import FULL_ATTENTION_QUERY_CHUNK
 
 GIB = 1024**3
@@ -232,8 +233,8 @@ def train_activation_bytes(config: Qwen25VLConfig, run: RunShape, rows: int, ite
   else:
     cache = 2 * rows * length * t.num_key_value_heads * t.head_dim * itemsize
     passes = [(prompts, run.prompt_len, run.prompt_len, 0), (rows, run.max_new_tokens, length, cache)]
-  layers = [layer_activation_bytes(r, q, k, t.hidden_size, t.intermediate_size, t.num_attention_heads, itemsize)
-            for r, q, k, _ in passes]
+  layers = [layer_activation_bytes(r, q, k, t.hidden_size, t.intermediate_size, t.num_attention_heads, itemsize,
+                                   min(q, QUERY_CHUNK)) for r, q, k, _ in passes]
   if config.remat:
     saved = sum(r * q * t.hidden_size * itemsize + cache for r, q, _, cache in passes)
     text = t.num_hidden_layers * saved + max(layers)
@@ -275,7 +276,7 @@ def logps_activation_bytes(config: Qwen25VLConfig, run: RunShape, rows: int, ite
   length = run.prompt_len + run.max_new_tokens
   prompts = -(-rows // run.group_size)
   layer = lambda r, q, k: forward_layer_bytes(r, q, k, t.hidden_size, t.intermediate_size, t.num_attention_heads,
-                                              itemsize)
+                                              itemsize, min(q, QUERY_CHUNK))
   if run.group_size == 1:
     decoder = layer(rows, length, length)
   else:
@@ -317,7 +318,7 @@ def estimate(config: Qwen25VLConfig, run: RunShape, mesh_shape: Mapping[str, int
       kv_cache=kv_cache_bytes(config, rollout_rows, run.prompt_len + run.max_new_tokens, compute_itemsize),
       prefill_decoder=forward_layer_bytes(prefill_rows, run.prompt_len, run.prompt_len + run.max_new_tokens,
                                           t.hidden_size, t.intermediate_size, t.num_attention_heads,
-                                          compute_itemsize),
+                                          compute_itemsize, min(run.prompt_len, QUERY_CHUNK)),
       prefill_vision=_vision_block_bytes(config, prefill_rows, run.patches, compute_itemsize, full=True,
                                          forward=True),
       logps_activations=logps_activation_bytes(config, run, micro_rows, compute_itemsize) if run.reference else 0,

@@ -74,3 +74,39 @@ def test_chunked_segment_attention_never_holds_the_full_scores(remat):
   for fn in (loss, jax.grad(loss, argnums=(0, 1, 2))):
     temp = jax.jit(fn).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
     assert temp < full_scores / 2, (fn, temp, full_scores)
+
+
+def _causal_padded_mask(rng, b, t, s):
+  """bool [B, T, S]: left-padded rows (a prompt pass over cache slots), causal within the valid keys."""
+  valid = np.arange(s)[None, :] >= rng.integers(0, t // 2, (b, 1))
+  return (np.arange(s)[None, :] <= np.arange(t)[:, None])[None] & valid[:, None, :]
+
+
+@pytest.mark.parametrize("t,s,chunk", [(100, 100, 32), (64, 80, 16), (40, 40, 64), (7, 9, 3)])
+def test_query_chunked_attention_equals_attention(t, s, chunk):
+  """GQA (8 heads over 2 KV heads), left padding, more key slots than queries, T not a multiple of the chunk and
+  T below it: the decoder's blocked attention equals the dense one, values and gradients (float32, <= 1e-5)."""
+  rng = np.random.default_rng(t + chunk)
+  q = rng.standard_normal((2, t, 8, 16)).astype(np.float32)
+  k, v = (rng.standard_normal((2, s, 2, 16)).astype(np.float32) for _ in range(2))
+  mask = _causal_padded_mask(rng, 2, t, s)
+  dense = jax.jit(layers.attention)(q, k, v, mask)
+  chunked = jax.jit(layers.query_chunked_attention, static_argnums=4)(q, k, v, mask, chunk)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(dense), atol=1e-5, rtol=0)
+  w = rng.standard_normal(q.shape).astype(np.float32)
+  grads = [jax.jit(jax.grad(lambda *qkv: (fn(*qkv) * w).sum(), argnums=(0, 1, 2)))(q, k, v)
+           for fn in (lambda *qkv: layers.attention(*qkv, mask),
+                      lambda *qkv: layers.query_chunked_attention(*qkv, mask, chunk))]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=0)
+
+
+def test_query_chunked_attention_holds_one_blocks_scores():
+  """A 1024-query pass with 128-query blocks stays well below one [B, H, T, S] float32 score buffer."""
+  b, t, h, d, chunk = 1, 1024, 4, 8, 128
+  rng = np.random.default_rng(2)
+  q, k, v = (rng.standard_normal((b, t, h, d)).astype(np.float32) for _ in range(3))
+  mask = _causal_padded_mask(rng, b, t, t)
+  temp = jax.jit(lambda q, k, v: layers.query_chunked_attention(q, k, v, mask, chunk)).lower(
+      q, k, v).compile().memory_analysis().temp_size_in_bytes
+  assert temp < b * h * t * t * 4 / 2, temp

@@ -9,8 +9,10 @@ import numpy as np
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl.config import TextConfig
-from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, attention, param,
-                                                    remat_call)
+from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, param,
+                                                    query_chunked_attention, remat_call)
+
+QUERY_CHUNK = 512  # queries per attention block of long passes (prefill, prompts): bounds their scores
 
 
 @flax.struct.dataclass
@@ -67,7 +69,7 @@ class Attention(nnx.Module):
       cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
                          jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
       k, v = cache.k, cache.v
-    out = attention(q, k, v, mask)
+    out = query_chunked_attention(q, k, v, mask, QUERY_CHUNK)
     return self.o_proj(out.reshape(b, t, -1)), cache
 
 
