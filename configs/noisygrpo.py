@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.num_iterations = 1  # mu: policy updates per rollout batch (ratio uses stored old log-probs)
   c.rl.mask_noise_correct = False  # drop noisy rollouts that beat the clean one (spec section 3)
   c.rl.max_new_tokens = 256  # completion budget
+  c.rl.rollout_weights = "replicated"  # rollout copy layout: replicated (no weight gathers per token) | train (FSDP)
   c.rl.prefill_micro_batches = 1  # rollout prompts prefilled in parts of rows (divides the rows; 0 = fewest that fit)
   c.rl.temperature = 1.0  # sampling temperature
   c.rl.top_k = 50  # sampling top-k (0 disables)

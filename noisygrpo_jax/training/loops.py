@@ -23,6 +23,7 @@ import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from noisygrpo_jax import atomic_io
 from noisygrpo_jax.evaluation import evaluate
@@ -172,11 +173,23 @@ class Run:
 
   def rollout_params(self) -> dict:
     """The parameters rollouts and evaluation run from: the policy's trainable parameters in the compute dtype (one
-    copy per update, made here on first use) and the state's frozen ones (shared, not copied)."""
+    copy per update, made here on first use), in the rollout layout (rl.rollout_weights), and the state's frozen
+    ones (shared, not copied; the vision tower runs in the prefill only, never in the decode loop).
+
+    "replicated": every device holds the whole copy, so with the rows split over the devices the decode loop needs
+    no collective but its all-rows stop check (tests/sampling); "train": the training layout (FSDP: each layer's
+    weights are all-gathered for every generated token).
+    """
     if self._rollout_params is None:
-      self._rollout_params = params_lib.combine(params_lib.cast(self.state.params, self.config.model.compute_dtype),
-                                                self.state.frozen)
+      copy = params_lib.cast(self.state.params, self.config.model.compute_dtype)
+      if self.config.rl.rollout_weights == "replicated" and self.mesh.size > 1:
+        copy = jax.device_put(copy, NamedSharding(self.mesh, PartitionSpec()))
+      self._rollout_params = params_lib.combine(copy, self.state.frozen)
     return self._rollout_params
+
+  def place_prompts(self, prompts):
+    """Rollout prompts on the mesh, rows split over its batch axes (each process fills its own shards)."""
+    return place_batch(prompts, train_step.batch_shardings(prompts, self.mesh))
 
   def reference(self) -> dict:
     """The KL reference model's parameters: the initial trainable ones (compute dtype) and the shared frozen ones."""
@@ -366,7 +379,8 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
       run.data_position += c.train.prompts_per_step
       if run.step + 1 < end:
         inputs.prefetch(run.step + 1, run.data_position)
-      r = rollouts.sample_rollouts(run.model(), run.tokenizer, rollout_cfg, prepared, host_seconds=waited)
+      r = rollouts.sample_rollouts(run.model(), run.tokenizer, rollout_cfg, prepared, host_seconds=waited,
+                                   place=run.place_prompts)
       t0 = time.perf_counter()
       batch = place_batch(r.batch, train_step.batch_shardings(r.batch, run.mesh))  # once, for both passes
       if run.reference_params is not None:

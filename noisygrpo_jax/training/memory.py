@@ -11,7 +11,8 @@ longest prompt bucket, N = rl.max_new_tokens, P patches of one row's image; "tra
   reference            the KL reference model (rl.beta > 0): the initial trainable parameters in the compute dtype
   Held by one phase of a step:
   rollout copy         rollouts and reference log-probs: the trainable parameters in the compute dtype (none when it
-                       is model.dtype: the rollouts then read the master weights)
+                       is model.dtype: the rollouts then read the master weights); whole on every device with
+                       rl.rollout_weights="replicated" on more than one parameter shard
   KV cache             rollouts, exactly the sampler's: 2 x layers x B/(data x fsdp) x (T + N) x kv_heads x head_dim
   prefill activations  rollouts, AN ESTIMATE of the prefill's largest transient (`forward_layer_bytes`): one
                        decoder layer over T tokens or one full-attention vision block, the larger, for the
@@ -60,6 +61,7 @@ class RunShape:
   patches: int  # P: padded patches of one rollout's image (the patch bucket that holds data.max_pixels)
   micro_batches: int = 1  # train.micro_batches (also the reference log-probs' micro-batches)
   prefill_micro_batches: int = 1  # rl.prefill_micro_batches: the rollout rows are prefilled in this many parts
+  rollout_replicated: bool = False  # rl.rollout_weights == "replicated": every device holds the whole rollout copy
   group_size: int = 1  # rl.group_size: rollouts sharing one prompt, which the policy update runs once per group
   freeze_vision: bool = True  # optim.freeze_vision: no gradient, moments or saved activations for the ViT
   reference: bool = True  # rl.beta > 0: a frozen copy of the parameters
@@ -314,7 +316,8 @@ def estimate(config: Qwen25VLConfig, run: RunShape, mesh_shape: Mapping[str, int
       optimizer=2 * trainable_bytes,
       frozen=_per_device(frozen * compute_itemsize, param_shards),
       reference=trainable_compute if run.reference else 0,
-      rollout_copy=trainable_compute if mixed else 0,
+      rollout_copy=(trainable * compute_itemsize if run.rollout_replicated and param_shards > 1
+                    else trainable_compute if mixed else 0),
       kv_cache=kv_cache_bytes(config, rollout_rows, run.prompt_len + run.max_new_tokens, compute_itemsize),
       prefill_decoder=forward_layer_bytes(prefill_rows, run.prompt_len, run.prompt_len + run.max_new_tokens,
                                           t.hidden_size, t.intermediate_size, t.num_attention_heads,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
@@ -142,20 +143,29 @@ def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig,
   return sample_rollouts(model, tokenizer, cfg, prepared)
 
 
+def host_array(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly sharded, possibly multi-process) array as numpy, on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, prepared: PreparedPrompts,
-                    host_seconds: float | None = None) -> Rollouts:
+                    host_seconds: float | None = None,
+                    place: Callable[[collate.PromptBatch], collate.PromptBatch] | None = None) -> Rollouts:
   """Generates from prepared prompts, scores the completions and computes advantages.
 
   Returns a TokenBatch of P * G rows (advantages and trajectory mask filled; old/ref log-probs zero) and the step's
   rollout metrics. host_seconds: the preparation's seconds the step waited for (`time/host`; default: all of them,
-  as when it was made in line).
+  as when it was made in line). place: puts the prompts on the devices the sampler runs on (e.g. rows split over
+  the mesh's batch axes; default: as they are).
   """
   examples, levels, chats, prompts = prepared.examples, prepared.levels, prepared.chats, prepared.prompts
   p, g = len(examples), cfg.group_size
   t0 = time.perf_counter()
   timings = {}
-  out = sampler.generate(model, prompts, prepared.sample_key, cfg.sampling, timings)
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  out = sampler.generate(model, place(prompts) if place else prompts, prepared.sample_key, cfg.sampling, timings)
+  tokens, mask = host_array(out.tokens), host_array(out.mask)
   t1 = time.perf_counter()
 
   completions = tokenizer.decode_batch([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)

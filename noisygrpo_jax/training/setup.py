@@ -42,6 +42,9 @@ def validate(config) -> None:
     raise ValueError("rl.advantage='noisygrpo' needs rl.noise.enabled=True (its prior is the noise level)")
   if config.train.micro_batches:  # 0 is chosen by check_memory
     train_step.check_whole_groups(config.train.prompts_per_step, rl.group_size, config.train.micro_batches)
+  if rl.rollout_weights not in ("replicated", "train"):
+    raise ValueError(f"rl.rollout_weights={rl.rollout_weights!r} must be 'replicated' (the whole rollout copy on every "
+                     "device) or 'train' (the training layout)")
   rows = config.train.prompts_per_step * rl.group_size
   if rl.prefill_micro_batches and rows % rl.prefill_micro_batches:
     raise ValueError(f"rl.prefill_micro_batches={rl.prefill_micro_batches} does not divide the {rows} rollout rows "
@@ -117,6 +120,7 @@ def run_shape(config, vision: model_config_lib.VisionConfig) -> memory.RunShape:
   return memory.RunShape(rows=tr.prompts_per_step * rl.group_size, prompt_len=longest,
                          max_new_tokens=rl.max_new_tokens, patches=memory.smallest_bucket(patches, d.patch_buckets),
                          micro_batches=tr.micro_batches, prefill_micro_batches=rl.prefill_micro_batches,
+                         rollout_replicated=rl.rollout_weights == "replicated",
                          freeze_vision=config.optim.freeze_vision,
                          reference=bool(rl.beta), compute_dtype=config.model.compute_dtype,
                          group_size=rl.group_size, logits_chunk=train_step.LossConfig().chunk_size)

@@ -162,8 +162,11 @@ def test_sampling_frequencies_match_the_truncated_distribution(top_k, top_p, tem
 
 
 def test_sharded_batch_equals_single_device(tmp_path):
+  """Rows split over 8 devices give the single device's tokens; with the rollout layout (Run.rollout_params:
+  weights replicated) the compiled decode loop holds no collective but the all-rows stop check's all-reduce, while
+  the training layout (FSDP) all-gathers weights and all-reduces partial products in it."""
   script = textwrap.dedent("""
-      import os
+      import os, re
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
       import jax, numpy as np
       from flax import nnx
@@ -190,7 +193,23 @@ def test_sharded_batch_equals_single_device(tmp_path):
       out = S.generate(model, sharded, jax.random.key(0), params)
       np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
       assert np.abs(np.asarray(out.logprobs) - np.asarray(single.logprobs)).max() <= 1e-5
-      print("SHARDED_OK")
+
+      graphdef, state = nnx.split(model)
+      layouts = {"replicated": jax.device_put(state, NamedSharding(mesh, P())),
+                 "train": jax.device_put(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))}
+      counts = {}
+      for name, weights in layouts.items():
+        decode_state = S.prefill(graphdef, weights, sharded, jax.random.key(0), params)
+        hlo = S.decode.lower(graphdef, weights, decode_state, ids.shape[1], params).compile().as_text()
+        counts[name] = {op: len(re.findall(rf"= \\S+ {op}(-start)?\\(", hlo))
+                        for op in ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")}
+        if name == "replicated":
+          out = S.decode(graphdef, weights, decode_state, ids.shape[1], params)
+          np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
+      assert counts["replicated"] == {"all-gather": 0, "all-reduce": 1, "reduce-scatter": 0,
+                                      "collective-permute": 0, "all-to-all": 0}, counts
+      assert counts["train"]["all-gather"] > 0 and counts["train"]["all-reduce"] > 1, counts
+      print("SHARDED_OK", counts)
       """)
   env = dict(os.environ, PYTHONPATH=os.getcwd())
   result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
