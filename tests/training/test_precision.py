@@ -15,9 +15,9 @@ LR = 1e-6  # the real presets' learning rate
 def _one_update(model, batch, compute_dtype: str, storage_dtype: str = "float32"):
   """(text weights before, after) of one GRPO AdamW update at LR, float64 numpy leaves of the trainable tree."""
   cfg = ts.LossConfig(compute_dtype=compute_dtype, group_size=4)
-  graphdef, _, _, step, state = H.setup_state(model, cfg, freeze_vision=True, lr=LR)
-  state = state.replace(params=params_lib.cast(state.params, storage_dtype))
-  state = state.replace(opt_state=H.setup_state(model, cfg, freeze_vision=True, lr=LR)[2].init(state.params))
+  graphdef, _, optimizer, step, state = H.setup_state(model, cfg, freeze_vision=True, lr=LR)
+  trainable = params_lib.cast(state.params, storage_dtype)
+  state = state.replace(params=trainable, opt_state=optimizer.init(trainable))  # moments in the storage dtype
   reference = params_lib.combine(params_lib.cast(state.params, compute_dtype), state.frozen)
   batch = batch.replace(ref_logps=np.asarray(ts.logps_fn(graphdef, 64, 4)(reference, batch)))
   new_state, metrics, _ = jax.jit(step)(state, batch)
