@@ -7,6 +7,7 @@ Every parameter carries logical axis names (see `noisygrpo_jax.sharding`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -71,15 +72,71 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax attention with grouped KV heads and a boolean mask.
+_forced_implementation: str | None = None  # set by `force_attention_implementation`
+
+
+@contextlib.contextmanager
+def force_attention_implementation(implementation: str):
+  """Routes every attention traced inside the block through jax.nn.dot_product_attention(implementation=...),
+  whatever the backend, dtype and shapes: the tests' handle on the fused route on CPU ("xla"). The route is
+  fixed when a function is traced, so a function compiled before keeps its own."""
+  global _forced_implementation
+  previous, _forced_implementation = _forced_implementation, implementation
+  try:
+    yield
+  finally:
+    _forced_implementation = previous
+
+
+def cudnn_accepts(q, k, v) -> bool:
+  """Whether cuDNN flash attention (jax.nn.dot_product_attention(implementation="cudnn"), as jax 0.10.2 checks it)
+  runs these operands with a boolean mask, forward and backward: q, k, v of one dtype, bfloat16 or float16; a head
+  dim that is a multiple of 8 and at most 128 (256 only from Hopper on); even query and key lengths (the mask goes
+  in as an additive bias, and the bias backward needs them). Grouped KV heads are native.
+
+  Args:
+    q: [..., T, H, D]; k, v: [..., S, K, D]: arrays or anything with .shape and .dtype.
+  """
+  t, s, d = q.shape[-3], k.shape[-3], q.shape[-1]
+  return (q.dtype in (jnp.bfloat16, jnp.float16) and q.dtype == k.dtype == v.dtype and d % 8 == 0 and d <= 128
+          and t % 2 == 0 and s % 2 == 0)
+
+
+def attention_implementation(q, k, v) -> str | None:
+  """The one routing decision for attention over q [..., T, H, D] and k, v [..., S, K, D]: the
+  jax.nn.dot_product_attention implementation that runs it ("cudnn" on GPU where `cudnn_accepts`, or the one
+  `force_attention_implementation` forces), or None for the einsum path (CPU, float32, a single decode query)."""
+  if _forced_implementation is not None:
+    return _forced_implementation
+  return "cudnn" if jax.default_backend() == "gpu" and cudnn_accepts(q, k, v) else None
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, vmappable: bool = False) -> jax.Array:
+  """Softmax attention with grouped KV heads and a boolean mask, routed by `attention_implementation`.
+
+  The fused kernel never holds the [B, H, T, S] scores. cuDNN takes the mask as an additive bias in q's dtype (2
+  bytes a score, besides the mask's 1) whose masked value is finite (-2^41 in bfloat16, -2^15 in float16), so a
+  fully masked row (left padding) gets a finite softmax, uniform in bfloat16 as with NEG_INF here: never NaN.
 
   Args:
     q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K.
     mask: bool [B, T, S] (True = attend).
+    vmappable: hands the fused kernel the mask per head ([B, H, T, S]: H times the bias of the default
+      [B, 1, T, S]). jax's cuDNN batching rule reshapes a vmapped bias to the query's heads and fails on one
+      broadcast over them (jax-ml/jax#34920), so calls under jax.vmap (the vision tower's) need it.
   Returns:
-    [B, T, H, D] in q's dtype. Scores and softmax are computed in float32.
+    [B, T, H, D] in q's dtype.
   """
+  implementation = attention_implementation(q, k, v)
+  if implementation is None:
+    return _einsum_attention(q, k, v, mask)
+  heads = q.shape[2] if vmappable else 1
+  mask = jnp.broadcast_to(mask[:, None], (mask.shape[0], heads) + mask.shape[1:])
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """`attention` with float32 scores and softmax [B, H, T, S] in memory; shapes as there."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
@@ -95,7 +152,8 @@ def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
   alive instead of [B, H, T, S] (a 4096-token prompt's decoder scores: 1/8 with chunk 512).
 
   Each block is checkpointed, so the backward keeps only the query blocks and recomputes one block's scores at a
-  time. Up to `chunk` queries (decoding, completions) this is `attention` itself.
+  time. Up to `chunk` queries (decoding, completions), and wherever the fused kernel takes the pass (it holds no
+  scores), this is `attention` itself.
 
   Args:
     q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool [B, T, S]; chunk: static query block size.
@@ -103,7 +161,7 @@ def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     [B, T, H, D] in q's dtype.
   """
   b, t, h, d = q.shape
-  if t <= chunk:
+  if t <= chunk or attention_implementation(q, k, v) is not None:
     return attention(q, k, v, mask)
   n = -(-t // chunk)
   # Padding queries attend to nothing (a uniform softmax over their masked row) and are cut off below.
@@ -133,7 +191,8 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   """Attention within contiguous segments of at most `block` positions, in O(P * block) instead of O(P^2).
 
   A query in [s, s + block) can only share a segment with keys in [s - block, s + 2 * block), so each query
-  block attends to a 3-block key window with the segment mask. Equals `attention` with the dense mask
+  block attends to a 3-block key window with the segment mask: one `attention` over the n blocks (vmappable: the
+  fused kernel's bias is [n, H, block, 3 * block]). Equals `attention` with the dense mask
   segment_ids[:, None] == segment_ids[None, :] on every position whose segment is at most `block` long.
 
   Args:
@@ -152,7 +211,7 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
 
   k_seg = key_windows(segment_ids, -2)
   mask = q_seg[:, :, None] == k_seg[:, None, :]
-  out = attention(q_blocks, key_windows(k, 0), key_windows(v, 0), mask)
+  out = attention(q_blocks, key_windows(k, 0), key_windows(v, 0), mask, vmappable=True)
   return out.reshape(n * block, h, d)[:p]
 
 
@@ -170,7 +229,7 @@ def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
   """
   if q.shape[0] <= query_chunk:
     mask = segment_ids[:, None] == segment_ids[None, :]
-    return attention(q[None], k[None], v[None], mask[None])[0]
+    return attention(q[None], k[None], v[None], mask[None], vmappable=True)[0]
   return chunked_segment_attention(q, k, v, segment_ids, query_chunk)
 
 
@@ -180,7 +239,9 @@ def chunked_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_
 
   Peak score memory is float32 [H, chunk, P] instead of [H, P, P]. Each block is checkpointed, so the
   backward keeps only the query blocks (k and v are loop-invariant) and recomputes one block's scores at a
-  time, with or without an enclosing remat.
+  time, with or without an enclosing remat. The fused kernel keeps the blocks: its vmappable mask is a bias
+  [H, chunk, P] in q's dtype (537 MB at P = 16384, 16 heads, chunk 1024 in bfloat16, against 1.07 GB of float32
+  scores; [H, P, P] would be 8.6 GB).
 
   Args:
     q, k, v: [P, H, D]; segment_ids: int [P]; chunk: static query block size.
@@ -195,7 +256,7 @@ def chunked_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_
   def block(inputs):
     q_block, seg_block = inputs
     mask = seg_block[:, None] == segment_ids[None, :]
-    return attention(q_block[None], k[None], v[None], mask[None])[0]
+    return attention(q_block[None], k[None], v[None], mask[None], vmappable=True)[0]
 
   return jax.lax.map(block, (q_blocks, q_seg)).reshape(n * chunk, h, d)[:p]
 
