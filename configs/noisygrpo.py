@@ -18,6 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # trainable (master) weights, their gradients and AdamW moments: float32 | bfloat16
   c.model.compute_dtype = ""  # "" = dtype | bfloat16: forward/backward, rollouts + KV cache, reference, frozen tower
   c.model.remat = False  # rematerialise decoder layers and vision blocks in the backward pass
+  c.model.scan_layers = True  # decoder layers / vision blocks as one lax.scan each (compile once); False: unrolled
   c.model.vocab_size = 512  # tiny/small presets: vocabulary of the word-level tokenizer
 
   c.tokenizer = ml_collections.ConfigDict()

@@ -29,6 +29,7 @@ LOGICAL_AXIS_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vision_mlp": "tensor",
     "patch": None,
     "norm": None,
+    "layers": None,  # the stacked axis of scanned layers: every device holds its shard of each layer
     # activations
     "batch": ("data", "fsdp"),
     "length": None,

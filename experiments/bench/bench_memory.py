@@ -83,9 +83,14 @@ def xla_bytes(compiled) -> int:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def measure(config, case: Case, compute: str) -> dict:
-  """Estimate and XLA figure (bytes) of each program, and compile seconds, with float32 master weights and
-  `compute` ("" = float32) as the compute dtype."""
+def lowered_programs(config, case: Case, compute: str) -> tuple[dict, int]:
+  """The RL step's four programs lowered with abstract inputs (nothing is allocated), and the prompt length.
+
+  Returns:
+    ({"train step", "reference log-probs", "prefill", "decode"} -> a thunk returning the program's
+    `jax.stages.Lowered`: tracing and lowering happen in the call, so a caller can time them), prompt tokens per row.
+    Float32 master weights, `compute` ("" = float32) as the compute dtype.
+  """
   rows = case.prompts * case.group_size
   graphdef, model_state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(0))))
   trainable, frozen = params_lib.partition(nnx.to_pure_dict(model_state), freeze_vision=True)
@@ -95,25 +100,14 @@ def measure(config, case: Case, compute: str) -> dict:
   optimizer = opt_lib.make_optimizer(1e-6)
   state = ts.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=trainable,
                         opt_state=jax.eval_shape(optimizer.init, trainable), frozen=frozen)
-  host = train_batch(config, rows, case.grid, case.text_len, case.new_tokens)
-  batch = abstract(host)
+  batch = abstract(train_batch(config, rows, case.grid, case.text_len, case.new_tokens))
   prompt_len = batch.input_ids.shape[1] - case.new_tokens
   loss_cfg = ts.LossConfig(compute_dtype=compute, group_size=case.group_size)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
   state_sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), state)
-  batch_sh = ts.batch_shardings(batch, mesh)
   step = ts.jit_train_step(ts.make_train_step(graphdef, optimizer, loss_cfg, case.micro_batches), state_sh,
-                           batch_sh, mesh)
-  times, xla = {}, {}
-  t0 = time.perf_counter()
-  xla["train step"] = xla_bytes(step.lower(state, batch).compile())
-  times["train step"] = time.perf_counter() - t0
-  t0 = time.perf_counter()
+                           ts.batch_shardings(batch, mesh), mesh)
   logps = jax.jit(ts.logps_fn(graphdef, loss_cfg.chunk_size, case.group_size))
-  xla["reference log-probs"] = xla_bytes(logps.lower(params_lib.combine(copy, frozen), batch).compile())
-  times["reference log-probs"] = time.perf_counter() - t0
-
-  t0 = time.perf_counter()
   rollout = params_lib.combine(copy, frozen)
   prompts = sampler.PromptBatch(input_ids=jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
                                 attention_mask=jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
@@ -121,16 +115,33 @@ def measure(config, case: Case, compute: str) -> dict:
                                 rope_deltas=jax.ShapeDtypeStruct((rows, 1), jnp.int32), vision=batch.vision)
   params = sampler.SamplingParams(max_new_tokens=case.new_tokens, eos_ids=(151645,), pad_id=151643)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  prefill = sampler.prefill.lower(graphdef, rollout, prompts, key, params).compile()
-  decode_state = jax.eval_shape(sampler.prefill, graphdef, rollout, prompts, key, params)
-  decode = sampler.decode.lower(graphdef, rollout, decode_state, prompt_len, params).compile()
-  xla["prefill + decode"] = max(xla_bytes(prefill), xla_bytes(decode))
-  times["prefill + decode"] = time.perf_counter() - t0
 
+  def decode():
+    decode_state = jax.eval_shape(sampler.prefill, graphdef, rollout, prompts, key, params)
+    return sampler.decode.lower(graphdef, rollout, decode_state, prompt_len, params)
+
+  return {"train step": lambda: step.lower(state, batch),
+          "reference log-probs": lambda: logps.lower(rollout, batch),
+          "prefill": lambda: sampler.prefill.lower(graphdef, rollout, prompts, key, params),
+          "decode": decode}, prompt_len
+
+
+def measure(config, case: Case, compute: str) -> dict:
+  """Estimate and XLA figure (bytes) of each program, and compile seconds (prefill and decode are one phase: the
+  decode loop takes over the prefill's cache, so its figure is the larger of the two programs')."""
+  times, xla = {}, {}
+  programs, prompt_len = lowered_programs(config, case, compute)
+  for name, lower in programs.items():
+    t0 = time.perf_counter()
+    xla[name] = xla_bytes(lower().compile())
+    times[name] = time.perf_counter() - t0
+  for merged, parts in {"prefill + decode": ("prefill", "decode")}.items():
+    xla[merged], times[merged] = max(xla.pop(p) for p in parts), sum(times.pop(p) for p in parts)
+  rows = case.prompts * case.group_size
   run = memory.RunShape(rows=rows, prompt_len=prompt_len, max_new_tokens=case.new_tokens,
                         patches=int(np.prod(case.grid)), micro_batches=case.micro_batches,
                         group_size=case.group_size, freeze_vision=True, reference=True, compute_dtype=compute,
-                        logits_chunk=loss_cfg.chunk_size)
+                        logits_chunk=ts.LossConfig().chunk_size)
   est = memory.estimate(config, run, {"data": 1, "fsdp": 1, "tensor": 1}).programs()
   return {"rows": rows, "prompt_len": prompt_len, "patches": int(np.prod(case.grid)), "estimate": est, "xla": xla,
           "compile_s": times}

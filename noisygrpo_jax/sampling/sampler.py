@@ -54,7 +54,7 @@ class SampleOutput:
 class DecodeState:
   step: jax.Array  # int32 scalar: tokens generated so far
   logits: jax.Array  # float32 [B, V]: next-token logits
-  caches: list[LayerCache]
+  caches: LayerCache  # k, v [layers, B, S, K, head_dim]
   kv_valid: jax.Array  # bool [B, S]: cache slots holding real tokens
   next_position: jax.Array  # int32 [B]: M-RoPE position of the next token (all three axes)
   done: jax.Array  # bool [B]
@@ -117,10 +117,11 @@ def sample_token(key: jax.Array, logits: jax.Array, params: SamplingParams):
   return token, logp
 
 
-def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> list[LayerCache]:
+def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> LayerCache:
+  """Zeroed KV caches of every decoder layer: k, v [layers, batch, slots, K, head_dim] in `dtype`."""
   t = model.config.text
-  shape = (batch, slots, t.num_key_value_heads, t.head_dim)
-  return [LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_hidden_layers)]
+  shape = (t.num_hidden_layers, batch, slots, t.num_key_value_heads, t.head_dim)
+  return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "params"))
@@ -152,7 +153,8 @@ def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: Sampl
                        "divisor of the rollout rows (train.prompts_per_step x rl.group_size)")
     logits, caches = jax.lax.map(lambda parts: run(*parts),
                                  (collate.split_rows(prompts, k), kv_valid.reshape(k, b // k, slots)))
-    logits, caches = jax.tree.map(lambda x: x.reshape((b,) + x.shape[2:]), (logits, caches))
+    logits = logits.reshape((b,) + logits.shape[2:])
+    caches = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], b) + x.shape[3:]), caches)
   n = params.max_new_tokens
   return DecodeState(
       step=jnp.zeros((), jnp.int32),

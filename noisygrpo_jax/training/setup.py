@@ -102,7 +102,7 @@ def build_tokenizer(config, train_examples) -> tokenizer_lib.Tokenizer:
 
 
 def model_config(config, tokenizer) -> model_config_lib.Qwen25VLConfig:
-  runtime = dict(dtype=config.model.dtype, remat=config.model.remat)
+  runtime = dict(dtype=config.model.dtype, remat=config.model.remat, scan_layers=config.model.scan_layers)
   if config.model.checkpoint:
     return model_config_lib.from_hf_json(config.model.checkpoint, **runtime)
   if config.model.preset in ("tiny", "small"):

@@ -34,7 +34,9 @@ def ours_from_hf(model: transformers.Qwen2_5_VLForConditionalGeneration, config:
   hf = {param_names.canonical_hf_key(k): v.detach().float().numpy() for k, v in model.state_dict().items()}
   flat = nnx.to_flat_state(state)
   for path, variable in flat:
-    tensor = param_names.from_hf_layout(path, hf[param_names.hf_key(path)])
+    layers = [param_names.from_hf_layout(path, hf[key])
+              for key in param_names.layer_keys(path, variable.get_value().shape)]
+    tensor = np.stack(layers) if param_names.is_stacked(path) else layers[0]
     assert tensor.shape == variable.get_value().shape, path
     variable.set_value(jnp.asarray(tensor, dtype=jnp.dtype(config.dtype)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -164,7 +164,7 @@ out = {}
 for name, sizes in {"data2_fsdp4": dict(data=2, fsdp=4), "fsdp2_tensor4": dict(data=1, fsdp=2, tensor=4)}.items():
   model = load_hf(path, mesh=sharding.make_mesh(**sizes))
   specs = {".".join(map(str, p)): list(v.get_value().sharding.spec) for p, v in nnx.to_flat_state(nnx.state(model))}
-  q = model.language_model.layers[0].self_attn.q_proj.kernel[...]
+  q = model.language_model.layers.self_attn.q_proj.kernel[...]
   out[name] = dict(specs=specs, q_shard=list(q.addressable_shards[0].data.shape), devices=len(q.sharding.device_set),
                    diff=float(np.abs(np.asarray(model.forward_hf(**inputs)) - expected).max()))
 print(json.dumps(out))
@@ -181,21 +181,22 @@ def test_load_onto_a_mesh(hf_checkpoint, inputs, tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   out = json.loads(run.stdout.strip().splitlines()[-1])
 
-  # data=2, fsdp=4, tensor=1: `embed`/`vision_embed` axes go to fsdp; heads/mlp/vocab (-> tensor) stay whole.
+  # data=2, fsdp=4, tensor=1: `embed`/`vision_embed` axes go to fsdp; heads/mlp/vocab (-> tensor) stay whole; the
+  # stacked layer axis is never cut.
   dp = out["data2_fsdp4"]
-  assert dp["devices"] == 8 and dp["q_shard"] == [64 // 4, 64]
-  assert dp["specs"]["language_model.layers.0.self_attn.q_proj.kernel"] == ["fsdp", None]
-  assert dp["specs"]["language_model.layers.0.self_attn.o_proj.kernel"] == [None, "fsdp"]
+  assert dp["devices"] == 8 and dp["q_shard"] == [2, 64 // 4, 64]
+  assert dp["specs"]["language_model.layers.self_attn.q_proj.kernel"] == [None, "fsdp", None]
+  assert dp["specs"]["language_model.layers.self_attn.o_proj.kernel"] == [None, None, "fsdp"]
   assert dp["specs"]["language_model.embed_tokens.embedding"] == [None, "fsdp"]
   assert dp["specs"]["language_model.norm.weight"] == [None]
   assert dp["specs"]["visual.patch_embed.proj.kernel"] == [None, "fsdp"]
-  assert dp["specs"]["visual.blocks.0.attn.qkv.kernel"] == ["fsdp", None]
+  assert dp["specs"]["visual.blocks.attn.qkv.kernel"] == [None, "fsdp", None]
   # fsdp=2, tensor=4: both axes of the attention kernels are cut (our [in, out] shard = HF's transposed slice).
   tp = out["fsdp2_tensor4"]
-  assert tp["q_shard"] == [64 // 2, 64 // 4]
-  assert tp["specs"]["language_model.layers.0.self_attn.q_proj.kernel"] == ["fsdp", "tensor"]
-  assert tp["specs"]["language_model.layers.0.self_attn.q_proj.bias"] == ["tensor"]
-  assert tp["specs"]["language_model.layers.0.mlp.down_proj.kernel"] == ["tensor", "fsdp"]
+  assert tp["q_shard"] == [2, 64 // 2, 64 // 4]
+  assert tp["specs"]["language_model.layers.self_attn.q_proj.kernel"] == [None, "fsdp", "tensor"]
+  assert tp["specs"]["language_model.layers.self_attn.q_proj.bias"] == [None, "tensor"]
+  assert tp["specs"]["language_model.layers.mlp.down_proj.kernel"] == [None, "tensor", "fsdp"]
   assert tp["specs"]["language_model.embed_tokens.embedding"] == ["tensor", "fsdp"]
   assert tp["specs"]["lm_head.kernel"] == ["fsdp", "tensor"]
   assert tp["specs"]["visual.merger.mlp.1.kernel"] == ["fsdp", None]  # [vision_embed, embed]: fsdp used once

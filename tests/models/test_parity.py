@@ -97,8 +97,7 @@ def test_vision_tower_with_chunked_full_attention_matches_hf(models):
   """Full-attention blocks in query chunks of 16 (232 patches: 14.5 chunks) give HF's result too."""
   hf, ours = models
   ours = nnx.clone(ours)
-  for block in ours.visual.blocks:
-    block.attn.query_chunk = 16
+  ours.visual.blocks.attn.query_chunk = 16  # the stacked blocks share one module
   assert _vision_tower_diff(hf, ours) <= 1e-5
 
 
@@ -150,7 +149,7 @@ def test_bfloat16_params_track_float32(models):
   """
   hf, ours32 = models
   ours16 = ref.ours_from_hf(hf, CONFIG.replace(dtype="bfloat16"))
-  assert ours16.language_model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+  assert ours16.language_model.layers.mlp.up_proj.kernel[...].dtype == jnp.bfloat16
   rng = np.random.default_rng(9)
   grids = [(1, 8, 12)]
   ids, mask = ref.left_pad([ref.prompt(CONFIG, rng, [("image", grids[0])], (20, 30))])

@@ -164,7 +164,8 @@ def test_sampling_frequencies_match_the_truncated_distribution(top_k, top_p, tem
 def test_sharded_batch_equals_single_device(tmp_path):
   """Rows split over 8 devices give the single device's tokens; with the rollout layout (Run.rollout_params:
   weights replicated) the compiled decode loop holds no collective but the all-rows stop check's all-reduce, while
-  the training layout (FSDP) all-gathers weights and all-reduces partial products in it."""
+  the training layout (FSDP) gathers weights inside it (with scanned layers, one all-gather per sharded weight of the
+  layer body, every step)."""
   script = textwrap.dedent("""
       import os, re
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -208,7 +209,7 @@ def test_sharded_batch_equals_single_device(tmp_path):
           np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
       assert counts["replicated"] == {"all-gather": 0, "all-reduce": 1, "reduce-scatter": 0,
                                       "collective-permute": 0, "all-to-all": 0}, counts
-      assert counts["train"]["all-gather"] > 0 and counts["train"]["all-reduce"] > 1, counts
+      assert counts["train"]["all-gather"] >= 7, counts  # the 7 fsdp-sharded kernels of a decoder layer
       print("SHARDED_OK", counts)
       """)
   env = dict(os.environ, PYTHONPATH=os.getcwd())

@@ -153,13 +153,14 @@ def test_sharded_step_equals_single_device():
       assert abs(float(metrics["loss"]) - float(single_metrics["loss"])) <= 1e-6
 
       _, (single, _, _), (sharded, _, _) = single_and_sharded(None)  # AdamW as the trainer builds it
-      q = sharded.params["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-      assert q.sharding.spec == P("fsdp", None), q.sharding.spec  # embed -> fsdp; heads -> tensor (size 1)
+      q = sharded.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+      # stacked layers -> replicated; embed -> fsdp; heads -> tensor (size 1)
+      assert q.sharding.spec == P(None, "fsdp", None), q.sharding.spec
       emb = sharded.params["language_model"]["embed_tokens"]["embedding"]
       assert emb.sharding.spec == P(None, "fsdp"), emb.sharding.spec
       mu = lambda s: s.opt_state[1][0].mu  # chain(clip, adamw = chain(scale_by_adam, ...))
-      mu_q = mu(sharded)["language_model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-      assert mu_q.sharding.spec == P("fsdp", None), mu_q.sharding.spec
+      mu_q = mu(sharded)["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+      assert mu_q.sharding.spec == P(None, "fsdp", None), mu_q.sharding.spec
       mu_diff = max_diff(mu(sharded), mu(single))
       assert mu_diff <= 1e-7, mu_diff
       print("SHARDED_OK", grad_diff, mu_diff)

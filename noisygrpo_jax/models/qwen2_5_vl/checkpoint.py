@@ -111,14 +111,19 @@ def _patch_shape(vision: config_lib.VisionConfig) -> tuple[int, int, int, int]:
 
 
 def _hf_shape(path: tuple, shape: tuple[int, ...], patch_shape) -> tuple[int, ...]:
+  """The HF tensor shape of our parameter of `shape` (of each layer's tensor when stacked)."""
   layout = functools.partial(param_names.to_hf_layout, path, patch_shape=patch_shape)
-  return jax.eval_shape(layout, jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+  layer_shape = shape[1:] if param_names.is_stacked(path) else shape
+  return jax.eval_shape(layout, jax.ShapeDtypeStruct(layer_shape, jnp.float32)).shape
 
 
 def _check_tensors(path: str, flat, tensors, config: config_lib.Qwen25VLConfig) -> None:
   """Raises ValueError listing every missing, unexpected and mis-shaped tensor."""
   patch_shape = _patch_shape(config.vision)
-  expected = {param_names.hf_key(p): _hf_shape(p, v.get_value().shape, patch_shape) for p, v in flat}
+  expected = {}
+  for p, v in flat:
+    shape = v.get_value().shape
+    expected.update(dict.fromkeys(param_names.layer_keys(p, shape), _hf_shape(p, shape, patch_shape)))
   ignored = {_TIED_HEAD} if config.text.tie_word_embeddings else set()
   problems = [f"missing: {key} (expected shape {shape})" for key, shape in expected.items() if key not in tensors]
   for canonical, (key, file, tensor) in sorted(tensors.items()):
@@ -132,13 +137,21 @@ def _check_tensors(path: str, flat, tensors, config: config_lib.Qwen25VLConfig) 
     raise ValueError(f"{path}: the checkpoint does not match its config.json:\n  " + "\n  ".join(problems))
 
 
-def _read_slice(path: tuple, tensor: np.ndarray, index: tuple[slice, ...], dtype) -> np.ndarray:
-  """The slice `index` of our parameter (our layout) from the HF tensor, as a new array of `dtype`."""
+def _read_layer_slice(path: tuple, tensor: np.ndarray, index: tuple[slice, ...], dtype) -> np.ndarray:
+  """The slice `index` of one layer's parameter (our layout) from its HF tensor, as a new array of `dtype`."""
   if path[:3] == _PATCH_EMBED:  # a reshape of the whole Conv3d weight (about 1176 x 1280): read it whole
     return np.array(param_names.from_hf_layout(path, tensor)[index], dtype)
   if path[-1] == "kernel":  # our [in, out] slice is the transpose of HF's [out, in] slice
     return np.array(param_names.from_hf_layout(path, tensor[index[::-1]]), dtype)
   return np.array(tensor[index], dtype)
+
+
+def _read_slice(path: tuple, tensors: list[np.ndarray], index: tuple[slice, ...], dtype) -> np.ndarray:
+  """The slice `index` of our parameter from its HF tensors (one per layer when stacked, which index[0] selects)."""
+  if not param_names.is_stacked(path):
+    return _read_layer_slice(path, tensors[0], index, dtype)
+  layers = range(len(tensors))[index[0]]
+  return np.stack([_read_layer_slice(path, tensors[i], index[1:], dtype) for i in layers])
 
 
 def load_hf(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None) -> Qwen25VL:
@@ -168,9 +181,9 @@ def load_hf(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None) -> Qw
     shape = variable.get_value().shape
     sharding = (sharding_lib.logical_sharding(variable.get_metadata().get("out_sharding"), mesh, shape)
                 if mesh is not None else SingleDeviceSharding(jax.local_devices()[0]))
-    tensor = tensors[param_names.hf_key(p)][2]
+    layer_tensors = [tensors[key][2] for key in param_names.layer_keys(p, shape)]
     variable.set_value(jax.make_array_from_callback(
-        shape, sharding, functools.partial(_read_slice, p, tensor, dtype=target)))
+        shape, sharding, functools.partial(_read_slice, p, layer_tensors, dtype=target)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -197,8 +210,9 @@ def _write_safetensors(file, entries, metadata: dict[str, str]) -> None:
     file.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
-def _host_tensor(path: tuple, value: jax.Array, patch_shape) -> np.ndarray:
-  """One parameter gathered to the host, in the HF layout."""
+def _host_tensor(path: tuple, value: jax.Array, layer: int | None, patch_shape) -> np.ndarray:
+  """One parameter (its slice `layer` when stacked) gathered to the host, in the HF layout."""
+  value = value if layer is None else value[layer]
   return param_names.to_hf_layout(path, np.asarray(jax.device_get(value)), patch_shape)
 
 
@@ -217,8 +231,12 @@ def save_hf(model: Qwen25VL, path: str | os.PathLike) -> None:
   entries = []
   for p, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     value = variable.get_value()
-    read = functools.partial(_host_tensor, p, value, patch_shape)
-    entries.append((param_names.hf_key(p), _hf_shape(p, value.shape, patch_shape), np.dtype(value.dtype), read))
+    hf_shape = _hf_shape(p, value.shape, patch_shape)
+    keys = param_names.layer_keys(p, value.shape)
+    layers = range(len(keys)) if param_names.is_stacked(p) else [None]
+    for key, layer in zip(keys, layers):
+      entries.append((key, hf_shape, np.dtype(value.dtype), functools.partial(_host_tensor, p, value, layer,
+                                                                               patch_shape)))
   # Widest dtypes first keeps every tensor aligned to its item size.
   entries.sort(key=lambda e: (-e[2].itemsize, e[0]))
 

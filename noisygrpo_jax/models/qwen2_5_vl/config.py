@@ -1,7 +1,7 @@
 """Qwen2.5-VL architecture configuration: presets and parsing of HF `config.json`.
 
 The config is a frozen dataclass so it can be a static argument of jitted functions. It holds the
-architecture only, plus two runtime choices that change the traced program (`dtype`, `remat`).
+architecture only, plus runtime choices that change the traced program (`dtype`, `remat`, `scan_layers`).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ class Qwen25VLConfig:
   vision_end_token_id: int = 151653  # <|vision_end|>
   dtype: str = "float32"  # parameter and activation dtype: "float32" or "bfloat16"
   remat: bool = False  # rematerialise each decoder layer and vision block in the backward pass
+  scan_layers: bool = True  # run the decoder layers and vision blocks as one lax.scan each (False: unrolled)
 
   def __post_init__(self):
     validate(self)
@@ -207,7 +208,7 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json", **runtime) -> 
   Args:
     hf: the parsed config.json.
     source: where it came from, for error messages.
-    **runtime: `dtype` and `remat` overrides.
+    **runtime: `dtype`, `remat` and `scan_layers` overrides.
   """
   archs = hf.get("architectures") or [ARCHITECTURE]
   if hf.get("model_type") not in (MODEL_TYPE, None) or ARCHITECTURE not in archs:

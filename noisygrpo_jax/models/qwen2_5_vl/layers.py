@@ -259,25 +259,3 @@ def chunked_segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_
     return attention(q_block[None], k[None], v[None], mask[None], vmappable=True)[0]
 
   return jax.lax.map(block, (q_blocks, q_seg)).reshape(n * chunk, h, d)[:p]
-
-
-def remat_call(module: nnx.Module, *args, policy=jax.checkpoint_policies.nothing_saveable):
-  """`module(*args)` with its activations recomputed in the backward pass (jax.checkpoint).
-
-  The checkpointed function is pure in the module's split state and returns nothing but its outputs, so it
-  composes with any enclosing transform. (`nnx.remat` writes the state back into the module's Variables,
-  which raises TraceContextError when they were created at an outer trace level, e.g. for the vision tower
-  under `jax.vmap`.) With `nothing_saveable` the backward keeps only the arguments: the layer's inputs and
-  parameters. XLA:CPU's default concurrency-optimised scheduler moves the recomputation back into the forward
-  pass, so on CPU the saving needs `--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`.
-
-  Args:
-    module: a stateless-in-the-forward module (no Variable is updated by its call).
-    *args: its call arguments (pytrees of arrays or None).
-  """
-  graphdef, state = nnx.split(module)
-
-  def pure(state, args):
-    return nnx.merge(graphdef, state)(*args)
-
-  return jax.checkpoint(pure, policy=policy)(state, args)

@@ -36,8 +36,8 @@ class Qwen25VL(nnx.Module):
   def __init__(self, config: Qwen25VLConfig, rngs: nnx.Rngs):
     self.config = config
     dtype = jnp.dtype(config.dtype)
-    self.visual = VisionTransformer(config.vision, dtype, rngs, remat=config.remat)
-    self.language_model = TextModel(config.text, dtype, rngs, remat=config.remat)
+    self.visual = VisionTransformer(config.vision, dtype, rngs, remat=config.remat, scan_layers=config.scan_layers)
+    self.language_model = TextModel(config.text, dtype, rngs, remat=config.remat, scan_layers=config.scan_layers)
     self.lm_head = None if config.text.tie_word_embeddings else Linear(
         config.text.hidden_size, config.text.vocab_size, bias=False, names=("embed", "vocab"), dtype=dtype,
         rngs=rngs)
@@ -67,7 +67,7 @@ class Qwen25VL(nnx.Module):
     return jnp.where(is_vision[..., None], placed, embeds)
 
   def hidden_states(self, input_ids, position_ids, attention_mask=None, vision=None, *, mask=None,
-                    caches: list[LayerCache] | None = None, cache_index=None, remat: bool = True):
+                    caches: LayerCache | None = None, cache_index=None, remat: bool = True):
     """Final normed hidden states.
 
     Args:
@@ -76,7 +76,8 @@ class Qwen25VL(nnx.Module):
       attention_mask: [B, T], 1 for real tokens; used to build a causal mask when `mask` is None.
       vision: packed images/videos per row, or None for text only.
       mask: optional bool [B, T, S] attention mask (the sampler passes its own for cached decoding).
-      caches, cache_index: per-layer KV caches and the slot where this call's tokens are written.
+      caches, cache_index: the decoder's KV caches (k, v [layers, B, S, K, head_dim]) and the slot where this call's
+        tokens are written.
       remat: False skips the decoder's rematerialisation (config.remat) for calls never differentiated.
     Returns:
       (hidden [B, T, D], updated caches or None).

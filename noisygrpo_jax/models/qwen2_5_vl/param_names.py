@@ -1,24 +1,35 @@
 """The rename-and-transpose table between our parameter paths and HF checkpoint keys.
 
-Our paths are nnx flat-state paths, e.g. ('language_model', 'layers', 0, 'self_attn', 'q_proj', 'kernel').
-HF keys use the transformers >= 4.52 layout (`model.language_model.*`, `model.visual.*`, `lm_head.*`);
-older checkpoints (`model.*`, `visual.*`) are accepted by `canonical_hf_key`.
+Our paths are nnx flat-state paths, e.g. ('language_model', 'layers', 'self_attn', 'q_proj', 'kernel'). The decoder
+layers and the vision blocks are stacked (`stacking`): one array [n, ...] per parameter, which HF stores as n tensors
+(`model.language_model.layers.{i}.self_attn.q_proj.weight`); `layer_keys` lists them and the layouts below convert
+one layer's slice at a time. HF keys use the transformers >= 4.52 layout (`model.language_model.*`, `model.visual.*`,
+`lm_head.*`); older checkpoints (`model.*`, `visual.*`) are accepted by `canonical_hf_key`.
 """
 
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
 # Our merger MLP is a two-entry list; HF's nn.Sequential has the GELU at index 1.
 _MERGER_INDEX = {"0": "0", "1": "2"}
-_MERGER_INDEX_BACK = {v: k for k, v in _MERGER_INDEX.items()}
+
+# Our stacked modules: the HF layer index goes after these two path entries.
+STACKED = (("language_model", "layers"), ("visual", "blocks"))
 
 
-def hf_key(path: tuple) -> str:
-  """Our flat-state path -> the HF key (new layout)."""
+def is_stacked(path: tuple) -> bool:
+  """Whether the parameter at `path` holds one slice per layer along its leading axis."""
+  return tuple(path[:2]) in STACKED
+
+
+def hf_key(path: tuple, layer: int | None = None) -> str:
+  """Our flat-state path (and, for a stacked parameter, the layer) -> the HF key (new layout)."""
   parts = [str(p) for p in path]
+  if is_stacked(path):
+    if layer is None:
+      raise ValueError(f"{'.'.join(parts)} is stacked over layers: its HF key needs the layer index")
+    parts.insert(2, str(layer))
   if parts[:3] == ["visual", "merger", "mlp"]:
     parts[3] = _MERGER_INDEX[parts[3]]
   if parts[-1] in ("kernel", "embedding"):
@@ -37,16 +48,14 @@ def canonical_hf_key(key: str) -> str:
   return key
 
 
-def our_path(key: str) -> tuple:
-  """Inverse of `hf_key` (for error messages and export); integers become ints."""
-  parts = canonical_hf_key(key).split(".")[1:] if key.startswith(("model.", "visual.")) else key.split(".")
-  if parts[:3] == ["visual", "merger", "mlp"]:
-    parts[3] = _MERGER_INDEX_BACK[parts[3]]
-  return tuple(int(p) if re.fullmatch(r"\d+", p) else p for p in parts)
+def layer_keys(path: tuple, shape: tuple[int, ...]) -> list[str]:
+  """The HF keys of our parameter of `shape`: one per layer (stacked), else one."""
+  return [hf_key(path, layer) for layer in range(shape[0])] if is_stacked(path) else [hf_key(path)]
 
 
 def to_hf_layout(path: tuple, value: np.ndarray, patch_shape: tuple[int, ...] | None = None) -> np.ndarray:
-  """Our array -> the HF tensor layout. `patch_shape` is (C, T, P, P) for the patch embedding."""
+  """Our array (one layer's slice of a stacked parameter) -> the HF tensor layout. `patch_shape` is (C, T, P, P) for
+  the patch embedding."""
   name = path[-1]
   if path[:3] == ("visual", "patch_embed", "proj"):
     return value.T.reshape((value.shape[1],) + tuple(patch_shape))
@@ -56,7 +65,8 @@ def to_hf_layout(path: tuple, value: np.ndarray, patch_shape: tuple[int, ...] | 
 
 
 def from_hf_layout(path: tuple, tensor: np.ndarray) -> np.ndarray:
-  """HF tensor -> our array layout (Conv3d patch weight -> [1176, hidden]; Linear weight -> [in, out])."""
+  """HF tensor -> our array layout (one layer's slice of a stacked parameter; Conv3d patch weight -> [1176, hidden];
+  Linear weight -> [in, out])."""
   if path[:3] == ("visual", "patch_embed", "proj"):
     return tensor.reshape(tensor.shape[0], -1).T
   if path[-1] == "kernel":

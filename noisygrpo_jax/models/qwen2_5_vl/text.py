@@ -9,15 +9,17 @@ import numpy as np
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl.config import TextConfig
+from noisygrpo_jax.models.qwen2_5_vl import stacking
 from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, param,
-                                                    query_chunked_attention, remat_call)
+                                                    query_chunked_attention)
 
 QUERY_CHUNK = 512  # queries per attention block of long passes (prefill, prompts): bounds their scores
 
 
 @flax.struct.dataclass
 class LayerCache:
-  """Keys and values of one layer for S cache slots: k, v [B, S, K, head_dim]."""
+  """Keys and values for S cache slots: k, v [B, S, K, head_dim] for one layer; the decoder's caches are one
+  LayerCache with a leading layer axis, k, v [num_layers, B, S, K, head_dim]."""
 
   k: jax.Array
   v: jax.Array
@@ -90,32 +92,32 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-  """Qwen2_5_VLTextModel: token embedding, decoder layers, final norm."""
+  """Qwen2_5_VLTextModel: token embedding, decoder layers (stacked parameters, `stacking`), final norm."""
 
-  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs, remat: bool = False):
+  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs, remat: bool = False, scan_layers: bool = True):
     self.config = config
     self.remat = remat
+    self.scan_layers = scan_layers
     self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, rngs)
-    self.layers = nnx.List([DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
+    self.layers = stacking.stack_layers([DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, names=("norm",), dtype=dtype, rngs=rngs)
 
-  def __call__(self, embeds, position_ids, mask, caches: list[LayerCache] | None = None, cache_index=None,
+  def __call__(self, embeds, position_ids, mask, caches: LayerCache | None = None, cache_index=None,
                remat: bool = True):
-    """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S].
+    """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S]; caches: k, v [layers, B, S, K, head_dim].
 
     `remat=False` turns the model's rematerialisation off for this call (the sampler's cached decoding, which
     is never differentiated); with caches, gradients flow through them (the trainer's shared-prompt pass).
     Returns (final normed hidden states [B, T, D], updated caches or None).
     """
     cos, sin = mrope(position_ids, self.config)
-    remat = self.remat and remat
-    new_caches = []
-    x = embeds
-    for i, layer in enumerate(self.layers):
-      args = (x, cos, sin, mask, None if caches is None else caches[i], cache_index)
-      x, cache = remat_call(layer, *args) if remat else layer(*args)
-      new_caches.append(cache)
-    return self.norm(x), (new_caches if caches is not None else None)
+
+    def layer_step(layer, x, cache):
+      return layer(x, cos, sin, mask, cache, cache_index)
+
+    x, caches = stacking.run_layers(self.layers, layer_step, embeds, caches, scan=self.scan_layers,
+                                    remat=self.remat and remat)
+    return self.norm(x), caches
 
 
 class Embedding(nnx.Module):

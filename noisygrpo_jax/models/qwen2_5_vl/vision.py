@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from noisygrpo_jax.models.qwen2_5_vl import stacking
 from noisygrpo_jax.models.qwen2_5_vl.config import VisionConfig
 from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, local_attention,
-                                                    remat_call, segment_attention)
+                                                    segment_attention)
 
 # Full-attention blocks attend over all P patches of a row; beyond this many patches the queries are
 # processed in blocks of this size so the float32 scores stay [heads, 1024, P] (dense: [heads, P, P],
@@ -38,41 +40,47 @@ class PatchEmbed(nnx.Module):
 class VisionAttention(nnx.Module):
   """Non-causal attention within segments: windows (windowed blocks) or image frames (full-attention blocks)."""
 
-  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs, windowed: bool):
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
     dim = config.hidden_size
     self.num_heads = config.num_heads
     # Windowed blocks attend locally: a window holds at most merger_window^2 merged tokens.
-    self.window_block = config.merger_window**2 * config.merge_unit if windowed else None
+    self.window_block = config.merger_window**2 * config.merge_unit
     self.query_chunk = FULL_ATTENTION_QUERY_CHUNK
     self.qkv = Linear(dim, 3 * dim, bias=True, names=("vision_embed", "qkv"), dtype=dtype, rngs=rngs)
     self.proj = Linear(dim, dim, bias=True, names=("qkv", "vision_embed"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x [P, C], cos/sin [P, head_dim], segment_ids int [P] -> [P, C]."""
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, window_segment_ids: jax.Array,
+               full_segment_ids: jax.Array, full_attention: bool | jax.Array) -> jax.Array:
+    """x [P, C], cos/sin [P, head_dim], segment ids int [P] -> [P, C].
+
+    full_attention: a Python or numpy bool (the kind is fixed in the program), or a traced bool scalar (a scanned
+    block's flag: both kinds are compiled once and the flag picks one at run time).
+    """
     p, c = x.shape
     q, k, v = jnp.moveaxis(self.qkv(x).reshape(p, 3, self.num_heads, c // self.num_heads), 1, 0)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if self.window_block is None:
-      out = segment_attention(q, k, v, segment_ids, self.query_chunk)
+    full = lambda: segment_attention(q, k, v, full_segment_ids, self.query_chunk)
+    windowed = lambda: local_attention(q, k, v, window_segment_ids, self.window_block)
+    if isinstance(full_attention, (bool, np.bool_)):
+      out = full() if full_attention else windowed()
     else:
-      out = local_attention(q, k, v, segment_ids, self.window_block)
+      out = jax.lax.cond(full_attention, full, windowed)
     return self.proj(out.reshape(p, c))
 
 
 class VisionBlock(nnx.Module):
+  """A pre-norm transformer block; whether it attends within windows or whole frames is its caller's flag."""
 
-  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs, windowed: bool):
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs):
     norm = dict(eps=1e-6, names=("norm",), dtype=dtype, rngs=rngs)
-    self.windowed = windowed
     self.norm1 = RMSNorm(config.hidden_size, **norm)
     self.norm2 = RMSNorm(config.hidden_size, **norm)
-    self.attn = VisionAttention(config, dtype, rngs, windowed)
+    self.attn = VisionAttention(config, dtype, rngs)
     self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=True,
                       names=("vision_embed", "vision_mlp"), dtype=dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, window_segment_ids, full_segment_ids):
-    segments = window_segment_ids if self.windowed else full_segment_ids
-    x = x + self.attn(self.norm1(x), cos, sin, segments)
+  def __call__(self, x, cos, sin, window_segment_ids, full_segment_ids, full_attention):
+    x = x + self.attn(self.norm1(x), cos, sin, window_segment_ids, full_segment_ids, full_attention)
     return x + self.mlp(self.norm2(x))
 
 
@@ -96,14 +104,14 @@ class PatchMerger(nnx.Module):
 
 
 class VisionTransformer(nnx.Module):
-  """Qwen2_5_VisionTransformerPretrainedModel."""
+  """Qwen2_5_VisionTransformerPretrainedModel; its blocks are one stack (`stacking`)."""
 
-  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs, remat: bool = False):
+  def __init__(self, config: VisionConfig, dtype, rngs: nnx.Rngs, remat: bool = False, scan_layers: bool = True):
     self.config = config
     self.remat = remat
+    self.scan_layers = scan_layers
     self.patch_embed = PatchEmbed(config, dtype, rngs)
-    self.blocks = nnx.List([VisionBlock(config, dtype, rngs, windowed=i not in config.fullatt_block_indexes)
-                            for i in range(config.depth)])
+    self.blocks = stacking.stack_layers([VisionBlock(config, dtype, rngs) for _ in range(config.depth)])
     self.merger = PatchMerger(config, dtype, rngs)
 
   def rope(self, rope_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -126,7 +134,11 @@ class VisionTransformer(nnx.Module):
     p, c = x.shape
     x = x.reshape(p // unit, unit, c)[window_index].reshape(p, c)
     cos, sin = self.rope(rope_ids)
-    for block in self.blocks:
-      args = (x, cos, sin, window_segment_ids, full_segment_ids)
-      x = remat_call(block, *args) if self.remat else block(*args)
+    # Scanned, each block reads its flag at run time; unrolled, it gets a numpy bool that fixes its kind.
+    full = np.isin(np.arange(self.config.depth), self.config.fullatt_block_indexes)
+
+    def block_step(block, x, full_attention):
+      return block(x, cos, sin, window_segment_ids, full_segment_ids, full_attention), None
+
+    x, _ = stacking.run_layers(self.blocks, block_step, x, full, scan=self.scan_layers, remat=self.remat)
     return self.merger(x)[reverse_index]
