@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-host bench-gpu clean
+.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-host bench-compile bench-gpu clean
 
 setup: $(STAMP)
 
@@ -77,13 +77,17 @@ bench-train: $(STAMP)
 bench-processing: $(STAMP)
 	$(PY) experiments/bench/bench_processing.py --markdown $(BENCH_MD) $(ARGS)
 
-# The memory estimate against XLA's compiled memory analysis at the 3B width (CPU, abstract inputs, ~1 min).
+# The memory estimate against XLA's compiled memory analysis at the 3B width (CPU, abstract inputs, ~2-4 min).
 bench-memory: $(STAMP)
 	$(PY) experiments/bench/bench_memory.py --markdown $(BENCH_MD) $(ARGS)
 
 # Host seconds per RL step the device waits for: rollout inputs in line or in a background thread (~3 min).
 bench-host: $(STAMP)
 	$(PY) experiments/bench/bench_host.py --markdown $(BENCH_MD) $(ARGS)
+
+# Compile seconds of the RL step's four programs at the full 3B shape, scanned vs unrolled layers (CPU, ~4 min).
+bench-compile: $(STAMP)
+	$(PY) experiments/bench/bench_compile.py --markdown $(BENCH_MD) $(ARGS)
 
 # The benchmark-only extras (TRL for bench-e2e) on top of requirements.txt; they change none of its pins.
 BENCH_STAMP := $(VENV)/.bench-installed
@@ -97,10 +101,14 @@ $(BENCH_STAMP): requirements-bench.txt $(STAMP)
 bench-e2e: $(BENCH_STAMP)
 	$(PY) experiments/bench/bench_e2e.py --markdown $(BENCH_MD) $(ARGS)
 
-# Full Qwen2.5-VL-3B shape, random bf16 weights, on one GPU: decode tokens/s and % of the HBM roofline, then
-# the train step's MFU with remat at the largest batch that fits. ARGS=--smoke runs the same paths on CPU.
-bench-gpu: $(STAMP)
-	$(PY) experiments/bench/bench_generate.py --gpu $(ARGS)
+# The GPU check, <= 8 min on one H100 / H200: full Qwen2.5-VL-3B shape, random weights, the real dtype policy; the
+# bf16 device forward against the float32 CPU one (small config), decode tokens/s and % of the HBM roofline at batch
+# 64, one full RL step of the 3B preset (seconds by phase, MFU, peak memory next to the estimate). No setup: GPU
+# machines have no registry, so it runs the venv's python if there is one, else python3. ARGS=--smoke: the same
+# paths on CPU; ARGS="--out bench_gpu.json": the figures as JSON.
+BENCH_GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+bench-gpu:
+	$(BENCH_GPU_PY) experiments/bench/bench_gpu.py $(ARGS)
 
 # Every CPU benchmark (forward, generate, train step, end-to-end RL step vs TRL, processing) and a summary
 # table, all written into BENCHMARKS.md. QUICK=1: fewer repeats (a loaded machine, a smoke run).

@@ -15,17 +15,9 @@ forwards in that time, HF new_tokens - 1). Torch threads = cores.
   python experiments/bench/bench_generate.py [--cases tiny,3b_slice] [--impls sdpa,eager] [--repeats 5]
                                              [--quick] [--markdown BENCHMARKS.md] [--json out.json]
 
-Utilisation (CPU): decode FLOP/s and bytes moved per second (weights + KV cache read per step, analytic counts)
-as fractions of this machine's float32 matmul peak and memory bandwidth, measured in the same run
-(`common.machine_ceilings`, before and after).
-
-GPU variant (full Qwen2.5-VL-3B shapes, random weights, bfloat16; ours only): decode tokens/s and the fraction of
-the HBM roofline, then the train step's MFU with remat at the largest batch that fits (rows double until the
-device runs out of memory; if the library's step fails with remat on, it says so and measures remat off):
-
-  python experiments/bench/bench_generate.py --gpu [--batch 64] [--new-tokens 256] [--peak-bandwidth 3.35e12]
-                                             [--gpu-parts decode,train] [--train-max-rows 256] [--peak-flops 989e12]
-  python experiments/bench/bench_generate.py --gpu --smoke     # tiny config on CPU: the same code paths
+Utilisation: decode FLOP/s and bytes moved per second (weights + KV cache read per step, analytic counts) as
+fractions of this machine's float32 matmul peak and memory bandwidth, measured in the same run
+(`common.machine_ceilings`, before and after). The GPU check is experiments/bench/bench_gpu.py (`make bench-gpu`).
 """
 
 from __future__ import annotations
@@ -39,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, Stopwatch, best_ceilings, ceilings_line, command_line, load_average, machine,  # noqa: E402
-                    machine_ceilings, matmul_peak, slice_3b, stats, summary_row, timed, write_json, write_markdown)
-from noisygrpo_jax.training.throughput import decode_step_flops, train_step_flops  # noqa: E402
+                    machine_ceilings, slice_3b, stats, summary_row, timed, write_json, write_markdown)
+from noisygrpo_jax.training.throughput import decode_step_flops  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -252,6 +244,25 @@ def bench_case(name: str, impls: list[str], warmup: int, repeats: int, diagnose:
   return result
 
 
+def decode_bytes_per_step(config, batch: int, slots: int, valid: float) -> tuple[float, float, float]:
+  """(parameter bytes, KV bytes of all slots, KV bytes of the valid slots) one decode step reads.
+
+  Parameters: the decoder layers, the final norm and the LM head (the embedding table when tied; the one
+  embedding row per token looked up at the input is negligible); the vision tower is not used in decoding.
+  KV: keys and values of every layer; our attention reads all `slots` cache slots (masked), an ideal kernel
+  only the `valid` ones (the average filled length over the decode). bench_gpu.py's roofline uses it too.
+  """
+  t = config.text
+  itemsize = jnp.dtype(config.dtype).itemsize
+  kv = t.num_key_value_heads * t.head_dim
+  per_layer = (t.hidden_size * (t.num_attention_heads * t.head_dim) * 2 + t.hidden_size * kv * 2
+               + t.num_attention_heads * t.head_dim + 2 * kv + 3 * t.hidden_size * t.intermediate_size
+               + 2 * t.hidden_size)
+  params = (t.num_hidden_layers * per_layer + t.hidden_size + t.hidden_size * t.vocab_size) * itemsize
+  per_slot = 2 * t.num_hidden_layers * batch * kv * itemsize
+  return float(params), float(per_slot * slots), float(per_slot * valid)
+
+
 def decode_utilisation(r: dict, impl: str) -> dict[str, float]:
   """Per decode step of `impl` ("ours" or an HF label): wall seconds (median), FLOPs and bytes moved (weights +
   KV cache read), from the analytic counts. Ours' masked attention reads all prompt + new-token slots every step;
@@ -371,7 +382,7 @@ def summary_rows(results: list[dict], ceilings: dict) -> list[dict]:
   return rows
 
 
-def cpu_main(args) -> None:
+def bench(args) -> None:
   import torch
   cores = len(os.sched_getaffinity(0))
   torch.set_num_threads(cores)
@@ -419,222 +430,6 @@ def cpu_main(args) -> None:
   write_json(args.json, summary_rows(results, best_ceilings(*ceilings)), command=command)
 
 
-# ------------------------------------------------------------------------------------------------
-# The GPU variant
-
-
-def decode_bytes_per_step(config, batch: int, slots: int, valid: float) -> tuple[float, float, float]:
-  """(parameter bytes, KV bytes of all slots, KV bytes of the valid slots) one decode step reads.
-
-  Parameters: the decoder layers, the final norm and the LM head (the embedding table when tied; the one
-  embedding row per token looked up at the input is negligible); the vision tower is not used in decoding.
-  KV: keys and values of every layer; our attention reads all `slots` cache slots (masked), an ideal kernel
-  only the `valid` ones (the average filled length over the decode).
-  """
-  t = config.text
-  itemsize = jnp.dtype(config.dtype).itemsize
-  kv = t.num_key_value_heads * t.head_dim
-  per_layer = (t.hidden_size * (t.num_attention_heads * t.head_dim) * 2 + t.hidden_size * kv * 2
-               + t.num_attention_heads * t.head_dim + 2 * kv + 3 * t.hidden_size * t.intermediate_size
-               + 2 * t.hidden_size)
-  params = (t.num_hidden_layers * per_layer + t.hidden_size + t.hidden_size * t.vocab_size) * itemsize
-  per_slot = 2 * t.num_hidden_layers * batch * kv * itemsize
-  return float(params), float(per_slot * slots), float(per_slot * valid)
-
-
-def gpu_config(args):
-  """(model config, batch, new tokens, image grid, text length range) of the GPU run or of its CPU smoke check."""
-  if args.smoke:
-    return cfg.tiny(dtype="bfloat16"), min(args.batch, 4), min(args.new_tokens, 8), (1, 8, 8), (4, 12)
-  return cfg.qwen2_5_vl_3b(dtype="bfloat16"), args.batch, args.new_tokens, tuple(args.grid), (32, 33)
-
-
-def gpu_decode(args, peak_bandwidth: float) -> list[str]:
-  """Decode tokens/s of ours at the full 3B shape (bf16, top-k sampling, no EOS) and its HBM roofline fraction."""
-  from tests.models import hf_reference as ref  # prompt layout helpers only (numpy)
-  config, batch, new_tokens, grid, text_len = gpu_config(args)
-  print(f"decode: building {'tiny (smoke)' if args.smoke else 'Qwen2.5-VL-3B'} with random bfloat16 weights on "
-        f"{jax.devices()[0]}", flush=True)
-  model = nnx.jit(lambda: Qwen25VL(config, nnx.Rngs(0)))()
-  rng = np.random.default_rng(0)
-  ids, mask = ref.left_pad([ref.prompt(config, rng, [("image", grid)], text_len) for _ in range(batch)])
-  grids = np.asarray([grid] * batch, np.int64)
-  pv = ref.pixels(rng, grids, config)
-  params = S.SamplingParams(max_new_tokens=new_tokens, greedy=False, top_k=50, eos_ids=(), pad_id=0)
-  ours = OursGenerate(model, ids, mask, pv, grids, params)
-  load_before = load_average()
-  ours()  # compile
-  prefill, decode = [], []
-  for _ in range(args.repeats):
-    _, p, d = ours()
-    prefill.append(p[0])
-    decode.append(d[0])
-  step = statistics.median(decode) / new_tokens
-  slots = ids.shape[1] + new_tokens
-  valid = mask.sum(1).mean() + (new_tokens + 1) / 2
-  param_bytes, kv_all, kv_valid = decode_bytes_per_step(config, batch, slots, valid)
-  tok_s = batch * new_tokens / statistics.median(decode)
-  del ours, model
-  return [
-      f"decode: device {jax.devices()[0].device_kind} ({jax.default_backend()}); config "
-      f"{'tiny (smoke)' if args.smoke else '3B'}, bfloat16, batch {batch}, prompt {ids.shape[1]} tokens (image grid "
-      f"{grid}), {new_tokens} new tokens (top-k 50 sampling, no EOS), {args.repeats} runs after a compiling one; "
-      f"load average {load_before:.1f} / {load_average():.1f}",
-      f"prefill ms: median {1e3 * statistics.median(prefill):.1f} (min {1e3 * min(prefill):.1f}, max "
-      f"{1e3 * max(prefill):.1f})",
-      f"decode tokens/s: median {tok_s:.0f} (min {batch * new_tokens / max(decode):.0f}, max "
-      f"{batch * new_tokens / min(decode):.0f}); {1e3 * step:.2f} ms per step",
-      f"bytes read per decode step: params {param_bytes / 1e9:.3g} GB + KV cache {kv_all / 1e9:.3g} GB (all "
-      f"{slots} slots, what our masked attention reads; {kv_valid / 1e9:.3g} GB of them filled on average)",
-      f"HBM roofline fraction at {peak_bandwidth:.3g} B/s: "
-      f"{(param_bytes + kv_all) / step / peak_bandwidth:.1%} (params + all KV slots), "
-      f"{(param_bytes + kv_valid) / step / peak_bandwidth:.1%} (params + filled KV only); decode FLOP/s "
-      f"{decode_step_flops(config, batch, slots) / step / 1e12:.2f} TFLOP/s",
-  ]
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-  """Whether a JAX/XLA error is the device running out of memory (at compile or at run time)."""
-  text = f"{type(error).__name__}: {error}"
-  return any(k in text for k in ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory", "OOM"))
-
-
-def train_batch(config, rows: int, grid, text_len, completion: int, seed: int = 0):
-  """A TokenBatch of `rows` rows: left-padded prompt (text, one image, text) + a random completion, with
-  advantages and reference log-probs (numpy, host side)."""
-  from noisygrpo_jax.models.qwen2_5_vl import host
-  from noisygrpo_jax.processing.collate import PromptBatch
-  from noisygrpo_jax.training import batches
-  from tests.models import hf_reference as ref
-  rng = np.random.default_rng(seed)
-  ids, mask = ref.left_pad([ref.prompt(config, rng, [("image", grid)], text_len) for _ in range(rows)])
-  grids = np.asarray([grid] * rows, np.int64)
-  pv = ref.pixels(rng, grids, config)
-  position_ids, rope_deltas = host.mrope_position_ids(ids, config, mask, grids)
-  rows_vision = [([x], [tuple(g)]) for x, g in zip(np.split(pv, rows), grids)]
-  vision = host.pack_vision_batch(rows_vision, config.vision, int(np.prod(grid)))
-  prompts = PromptBatch(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
-                        position_ids=position_ids, rope_deltas=rope_deltas, vision=vision)
-  tokens = rng.integers(0, config.text.vocab_size - 8, (rows, completion))
-  return batches.token_batch(prompts, tokens, np.ones((rows, completion), np.float32),
-                             advantages=rng.standard_normal(rows).astype(np.float32),
-                             ref_logps=-rng.random((rows, completion)).astype(np.float32))
-
-
-def train_trial(config, rows: int, grid, text_len, completion: int, steps: int) -> dict:
-  """Compiles and runs `steps` + 1 policy updates of a fresh random model on `rows` rows; step seconds, XLA FLOPs.
-
-  The library's step as the RL loop runs it: `make_train_step` (GRPO loss, beta 0.04, k3) with the vision tower
-  frozen, AdamW with clipping, the state donated. Raises the XLA error when the device runs out of memory.
-  """
-  from noisygrpo_jax.training import optimizer as opt_lib
-  from noisygrpo_jax.training import params as params_lib
-  from noisygrpo_jax.training import train_step as ts
-  graphdef, model_state = nnx.split(nnx.jit(lambda: Qwen25VL(config, nnx.Rngs(0)))())
-  trainable, frozen = params_lib.partition(nnx.to_pure_dict(model_state), freeze_vision=True)
-  del model_state
-  optimizer = opt_lib.make_optimizer(1e-6)
-  step_fn = ts.make_train_step(graphdef, optimizer, ts.LossConfig(beta=0.04))
-  state = ts.TrainState(step=jnp.int32(0), params=trainable, opt_state=jax.jit(optimizer.init)(trainable),
-                        frozen=frozen)
-  del trainable, frozen
-  batch = jax.device_put(train_batch(config, rows, grid, text_len, completion))
-  seq = int(batch.input_ids.shape[1])
-  watch = Stopwatch()
-  compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
-  compile_s, _ = watch.lap()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  times = []
-  try:
-    for i in range(steps + 1):  # the first run warms up
-      watch.lap()
-      state, metrics, _ = compiled(state, batch)
-      jax.block_until_ready(metrics)
-      if i:
-        times.append(watch.lap()[0])
-  finally:
-    del state, batch, compiled
-  return {"rows": rows, "seq": seq, "times": times, "compile_s": compile_s,
-          "xla_flops": float(cost.get("flops", float("nan")))}
-
-
-def batch_search(config, grid, text_len, completion: int, min_rows: int, max_rows: int, steps: int,
-                 peak_flops: float) -> list[str]:
-  """Markdown rows of the train-step timings for rows = min_rows, 2 min_rows, ... until the device runs out of
-  memory or max_rows, and a closing line naming the largest batch that fitted and its MFU."""
-  patches = int(np.prod(grid))
-  lines, rows, best = [], min_rows, None
-  while rows <= max_rows:
-    try:
-      trial = train_trial(config, rows, grid, text_len, completion, steps)
-    except Exception as error:  # noqa: BLE001  (only out-of-memory ends the search; anything else is re-raised)
-      if not is_out_of_memory(error):
-        raise
-      lines.append(f"| {rows} | | out of memory | | | | | |")
-      break
-    flops = train_step_flops(config, rows, trial["seq"], completion, patches)["total"]
-    step = statistics.median(trial["times"])
-    lines.append(f"| {rows} | {trial['seq']} | {1e3 * step:.1f} ({1e3 * min(trial['times']):.1f}) "
-                 f"| {flops / 1e12:.3g} | {trial['xla_flops'] / 1e12:.3g} | {flops / step / 1e12:.3g} "
-                 f"| {flops / step / peak_flops:.1%} | {trial['compile_s']:.0f} |")
-    best = (rows, flops / step / peak_flops)
-    rows *= 2
-  if best:
-    lines.append(f"largest batch that fits: {best[0]} rows{' (the search cap)' if rows > max_rows else ''}; MFU "
-                 f"there {best[1]:.1%}")
-  return lines
-
-
-def gpu_train(args, peak_flops: float) -> list[str]:
-  """Train-step MFU of ours with remat, at the largest batch that fits: rows double from --train-min-rows until
-  the device runs out of memory or --train-max-rows; each size that fits is timed. If the library's step fails
-  with remat on (other than for memory), the failure is reported and the search is run with remat off."""
-  config, _, _, grid, text_len = gpu_config(args)
-  completion = min(args.train_completion, 8) if args.smoke else args.train_completion
-  max_rows = min(args.train_max_rows, 4) if args.smoke else args.train_max_rows
-  header = ["| rows | tokens per row | step ms median (min) | model TFLOP per step | XLA TFLOP per step "
-            "| model TFLOP/s | MFU | compile s |", "|---|---|---|---|---|---|---|---|"]
-  lines = [f"train step: {'tiny (smoke)' if args.smoke else 'Qwen2.5-VL-3B'}, bfloat16 params, vision frozen, GRPO "
-           f"loss (beta 0.04), AdamW; per row one image of grid {grid} + text, {completion} completion tokens; rows "
-           f"double from {args.train_min_rows} to at most {max_rows} until out of memory; {args.train_steps} timed "
-           f"steps each after a warm-up; MFU = model FLOPs (throughput.train_step_flops: no remat recompute) / median "
-           f"step time / {peak_flops:.3g} FLOP/s (XLA's count includes the recompute)"]
-  for remat in (True, False):
-    try:
-      found = batch_search(config.replace(remat=remat), grid, text_len, completion, args.train_min_rows, max_rows,
-                           args.train_steps, peak_flops)
-    except Exception as error:  # noqa: BLE001
-      if not remat or is_out_of_memory(error):
-        raise
-      lines.append(f"remat=True: the library's train step fails ({type(error).__name__}: {str(error)[:160]}); "
-                   "measuring remat=False instead")
-      continue
-    lines += [f"remat={remat}:"] + header + found
-    break
-  return lines
-
-
-def gpu_main(args) -> None:
-  backend = jax.default_backend()
-  if backend not in ("gpu", "cuda", "rocm") and not args.smoke:
-    sys.exit(f"bench_generate.py --gpu needs a JAX GPU backend, but jax.default_backend() is {backend!r} "
-             f"(devices: {jax.devices()}). On a GPU machine install requirements-gpu.txt "
-             "(jax[cuda12]); to smoke-check this code path on CPU add --smoke (tiny config, small batch).")
-  parts = args.gpu_parts.split(",")
-  measured = matmul_peak(sizes=(512,) if args.smoke else (4096, 8192), repeats=3, dtype=jnp.bfloat16)
-  if args.peak_flops is None:
-    args.peak_flops = 0.0 if args.smoke else 989e12
-  peak_flops = args.peak_flops or measured["flops_per_s"]
-  lines = [f"bfloat16 matmul peak measured on {jax.devices()[0].device_kind}: {measured['flops_per_s'] / 1e12:.1f} "
-           f"TFLOP/s (n = {measured['n']}); MFU below is against {peak_flops / 1e12:.1f} TFLOP/s"]
-  if "decode" in parts:
-    lines += gpu_decode(args, args.peak_bandwidth)
-  if "train" in parts:
-    lines += gpu_train(args, peak_flops)
-  print("\n".join(lines))
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--cases", default="tiny,3b_slice", help=f"comma-separated, of {', '.join(CASES)}")
@@ -646,30 +441,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--no-diagnose", action="store_true", help="skip the where-the-time-goes measurements")
   parser.add_argument("--markdown", type=Path, help="write the results into this file (e.g. BENCHMARKS.md)")
-  parser.add_argument("--gpu", action="store_true", help="the GPU variant: full 3B shapes, bfloat16, ours only")
-  parser.add_argument("--smoke", action="store_true", help="with --gpu: tiny config and small batch (runs on CPU)")
-  parser.add_argument("--batch", type=int, default=64, help="--gpu: rows")
-  parser.add_argument("--new-tokens", type=int, default=256, help="--gpu: tokens generated per row")
-  parser.add_argument("--grid", type=int, nargs=3, default=(1, 28, 28), help="--gpu: image grid t h w per row")
-  parser.add_argument("--peak-bandwidth", type=float, default=3.35e12,
-                      help="--gpu: peak memory bandwidth in B/s (default: H100 SXM HBM3)")
-  parser.add_argument("--peak-flops", type=float, default=None,
-                      help="--gpu: peak bf16 FLOP/s for MFU (default: 989e12, H100 SXM dense; with --smoke: the "
-                      "measured matmul peak; 0 = the measured matmul peak)")
-  parser.add_argument("--gpu-parts", default="decode,train", help="--gpu: decode (tokens/s, HBM roofline), train "
-                      "(train-step MFU with remat at the largest batch that fits), or both")
-  parser.add_argument("--train-min-rows", type=int, default=4, help="--gpu train: first batch size tried")
-  parser.add_argument("--train-max-rows", type=int, default=256, help="--gpu train: largest batch size tried")
-  parser.add_argument("--train-completion", type=int, default=256, help="--gpu train: completion tokens per row")
-  parser.add_argument("--train-steps", type=int, default=3, help="--gpu train: timed steps per batch size")
-  parser.add_argument("--quick", action="store_true", help="CPU: 1 warm-up + 3 timed rounds, quicker ceilings")
-  parser.add_argument("--json", type=Path, help="CPU: write summary rows for bench_all.py here")
+  parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed rounds, quicker ceilings")
+  parser.add_argument("--json", type=Path, help="write summary rows for bench_all.py here")
   args = parser.parse_args()
   os.chdir(REPO)
-  if args.gpu:
-    gpu_main(args)
-  else:
-    cpu_main(args)
+  bench(args)
 
 
 if __name__ == "__main__":

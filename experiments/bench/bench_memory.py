@@ -32,8 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_generate import train_batch  # noqa: E402
-from common import command_line, machine, write_markdown  # noqa: E402
+from common import command_line, machine, train_batch, write_markdown  # noqa: E402
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg  # noqa: E402
 from noisygrpo_jax.sampling import sampler  # noqa: E402
 from noisygrpo_jax.training import memory, optimizer as opt_lib, params as params_lib  # noqa: E402

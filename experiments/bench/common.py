@@ -1,6 +1,6 @@
-"""Helpers shared by the benchmark scripts: model slices, interleaved timing, machine description, load
-average, peak memory, the machine's measured matmul peak and memory bandwidth (the denominators of every
-utilisation figure), the BENCHMARKS.md section writer and the JSON summary rows `bench_all.py` collects."""
+"""Helpers shared by the benchmark scripts: model slices, synthetic train batches, interleaved timing, machine
+description, load average, peak memory, the machine's measured matmul peak and memory bandwidth (the denominators of
+every utilisation figure), the BENCHMARKS.md section writer and the JSON summary rows `bench_all.py` collects."""
 
 from __future__ import annotations
 
@@ -36,6 +36,29 @@ def slice_3b(vocab_size: int) -> cfg.Qwen25VLConfig:
       text=dataclasses.replace(base.text, num_hidden_layers=2, vocab_size=vocab_size),
       image_token_id=vocab_size - 1, video_token_id=vocab_size - 2, vision_start_token_id=vocab_size - 3,
       vision_end_token_id=vocab_size - 4)
+
+
+def train_batch(config, rows: int, grid, text_len, completion: int, seed: int = 0):
+  """A TokenBatch of `rows` rows: left-padded prompt (text, one image, text) + a random completion, with
+  advantages and reference log-probs (numpy, host side). Imports its helpers when called: the prompt layout of
+  tests/models/hf_reference.py needs torch, which bench_gpu.py (importing this module) must not."""
+  from noisygrpo_jax.models.qwen2_5_vl import host
+  from noisygrpo_jax.processing.collate import PromptBatch
+  from noisygrpo_jax.training import batches
+  from tests.models import hf_reference as ref
+  rng = np.random.default_rng(seed)
+  ids, mask = ref.left_pad([ref.prompt(config, rng, [("image", grid)], text_len) for _ in range(rows)])
+  grids = np.asarray([grid] * rows, np.int64)
+  pv = ref.pixels(rng, grids, config)
+  position_ids, rope_deltas = host.mrope_position_ids(ids, config, mask, grids)
+  rows_vision = [([x], [tuple(g)]) for x, g in zip(np.split(pv, rows), grids)]
+  vision = host.pack_vision_batch(rows_vision, config.vision, int(np.prod(grid)))
+  prompts = PromptBatch(input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32),
+                        position_ids=position_ids, rope_deltas=rope_deltas, vision=vision)
+  tokens = rng.integers(0, config.text.vocab_size - 8, (rows, completion))
+  return batches.token_batch(prompts, tokens, np.ones((rows, completion), np.float32),
+                             advantages=rng.standard_normal(rows).astype(np.float32),
+                             ref_logps=-rng.random((rows, completion)).astype(np.float32))
 
 
 def timed(fns: dict, warmup: int, repeats: int) -> dict[str, dict[str, list[float]]]:
