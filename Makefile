@@ -32,7 +32,7 @@ $(MPNET_STAMP): requirements-mpnet.txt $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Fault injection: SIGKILL at random moments, disk full, foreign checkpoints, 2-process training (~5 min CPU).
+# Fault injection: SIGKILL at random moments, disk full, foreign checkpoints, 2-process training and RL runs (~7 min CPU).
 test-reliability: $(STAMP)
 	$(PY) -m pytest -q -m reliability tests/reliability $(PYTEST_ARGS)
 

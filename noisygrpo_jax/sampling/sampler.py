@@ -3,6 +3,9 @@
 Prompts are left-padded to a bucket length T; the cache has T + max_new_tokens slots. Generated token k
 of a row is written at cache slot T + k and gets M-RoPE position (valid prompt tokens + rope_delta + k)
 on all three axes, as transformers does during decoding.
+
+Given a mesh, prefill and decode pin their decode state to the rollout layout (`decode_state_shardings`: rows over
+the mesh's batch axes); without one they run wherever their inputs are (one device in tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from noisygrpo_jax import sharding
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
 from noisygrpo_jax.processing import collate
@@ -124,12 +129,31 @@ def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> LayerCache:
   return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "params"))
-def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: SamplingParams) -> DecodeState:
+def decode_state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
+  """The rollout layout of a decode state on `mesh`: rows over the batch axes (sharding.LOGICAL_AXIS_RULES "batch";
+  replicated where they do not divide the B rows) on axis 0 of every [B, ...] leaf and on axis 1 of the KV cache
+  [layers, B, S, K, head_dim]; the step and the PRNG key replicated."""
+  def rows(axis: int):
+    return lambda x: sharding.logical_sharding(["batch" if i == axis else None for i in range(x.ndim)], mesh, x.shape)
+
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(rows(0), state.replace(step=None, key=None, caches=None)).replace(
+      step=replicated, key=replicated, caches=jax.tree.map(rows(1), state.caches))
+
+
+def _in_layout(state: DecodeState, mesh: Mesh | None) -> DecodeState:
+  """`state` constrained to `decode_state_shardings` on `mesh`; as it is without a mesh."""
+  return state if mesh is None else jax.lax.with_sharding_constraint(state, decode_state_shardings(state, mesh))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "params", "mesh"))
+def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: SamplingParams,
+            mesh: Mesh | None = None) -> DecodeState:
   """Runs the prompt through the model, fills cache slots [0, T) and returns the initial decode state.
 
   With params.prefill_micro_batches = k > 1 the rows are prefilled k parts at a time (`jax.lax.map`), each writing
   its rows of the one cache: the same result, with 1 / k of the prefill's activations alive at once.
+  mesh: when given, the decode state comes out in `decode_state_shardings` on it.
   """
   model = nnx.merge(graphdef, state)
   b, t = prompts.input_ids.shape
@@ -156,7 +180,7 @@ def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: Sampl
     logits = logits.reshape((b,) + logits.shape[2:])
     caches = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], b) + x.shape[3:]), caches)
   n = params.max_new_tokens
-  return DecodeState(
+  return _in_layout(DecodeState(
       step=jnp.zeros((), jnp.int32),
       logits=logits,
       caches=caches,
@@ -168,7 +192,7 @@ def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: Sampl
       logprobs=jnp.zeros((b, n), jnp.float32),
       sampling_logprobs=jnp.zeros((b, n), jnp.float32),
       key=key,
-  )
+  ), mesh)
 
 
 def decode_step(model: Qwen25VL, state: DecodeState, prompt_len: int, params: SamplingParams) -> DecodeState:
@@ -195,33 +219,41 @@ def decode_step(model: Qwen25VL, state: DecodeState, prompt_len: int, params: Sa
                      logprobs=logprobs, sampling_logprobs=sampling_logprobs, key=key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "params"), donate_argnames=("state",))
-def decode(graphdef, model_state, state: DecodeState, prompt_len: int, params: SamplingParams) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "params", "mesh"),
+                   donate_argnames=("state",))
+def decode(graphdef, model_state, state: DecodeState, prompt_len: int, params: SamplingParams,
+           mesh: Mesh | None = None) -> DecodeState:
   """The whole decode loop in one jitted function; exits early once every row has stopped.
 
-  The input state is donated: the loop reuses its KV-cache buffers in place.
+  The input state is donated: the loop reuses its KV-cache buffers in place. mesh: when given, the state enters,
+  is carried through the loop and comes out in `decode_state_shardings` on it.
   """
   model = nnx.merge(graphdef, model_state)
-  return jax.lax.while_loop(
+  final = jax.lax.while_loop(
       lambda s: (s.step < params.max_new_tokens) & ~jnp.all(s.done),
-      lambda s: decode_step(model, s, prompt_len, params),
-      state)
+      lambda s: _in_layout(decode_step(model, s, prompt_len, params), mesh),
+      _in_layout(state, mesh))
+  return _in_layout(final, mesh)
 
 
 def generate(model: Qwen25VL, prompts: PromptBatch, key: jax.Array, params: SamplingParams,
-             timings: dict[str, float] | None = None) -> SampleOutput:
-  """Prefill + decode. Compiles once per (batch, prompt bucket, patch bucket, sampling params).
+             timings: dict[str, float] | None = None, mesh: Mesh | None = None) -> SampleOutput:
+  """Prefill + decode. Compiles once per (batch, prompt bucket, patch bucket, sampling params, mesh).
 
   timings: when given, receives the wall seconds of "prefill" and "decode" (each waited for to completion).
+  mesh: both programs keep the rows split over its batch axes (`decode_state_shardings`), and so do the outputs;
+  default: the mesh the prompts are placed on (a NamedSharding), else none.
   """
+  if mesh is None:
+    mesh = getattr(getattr(prompts.input_ids, "sharding", None), "mesh", None)
   graphdef, state = nnx.split(model)
   start = time.perf_counter()
-  decode_state = prefill(graphdef, state, prompts, key, params)
+  decode_state = prefill(graphdef, state, prompts, key, params, mesh)
   if timings is not None:
     jax.block_until_ready(decode_state)
     timings["prefill"] = time.perf_counter() - start
     start = time.perf_counter()
-  final = decode(graphdef, state, decode_state, prompts.input_ids.shape[1], params)
+  final = decode(graphdef, state, decode_state, prompts.input_ids.shape[1], params, mesh)
   if timings is not None:
     jax.block_until_ready(final)
     timings["decode"] = time.perf_counter() - start

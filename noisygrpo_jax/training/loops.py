@@ -138,6 +138,7 @@ class Run:
     self.order = DataOrder(len(self.train_examples), config.train.seed)
     self.key = jax.random.key(config.train.seed)
     self._jitted_steps = {}
+    self._jitted_reference_logps = None
 
   def _resume(self, step: int) -> None:
     """Restores state, data position, skip count and warm-start step from this run's checkpoint `step`."""
@@ -194,6 +195,16 @@ class Run:
   def reference(self) -> dict:
     """The KL reference model's parameters: the initial trainable ones (compute dtype) and the shared frozen ones."""
     return params_lib.combine(self.reference_params, self.state.frozen)
+
+  def reference_logps(self, batch: train_step.TokenBatch, batch_sh: train_step.TokenBatch) -> jax.Array:
+    """The reference model's completion log-probs float32 [N, M] of a batch placed in `batch_sh`, rows split as its
+    completion mask (the program is compiled on first use, with explicit shardings: train_step.jit_logps)."""
+    if self._jitted_reference_logps is None:
+      fn = train_step.logps_fn(self.setup.graphdef, train_step.LossConfig().chunk_size, self.config.rl.group_size,
+                               self.config.train.micro_batches)
+      sh = self.setup.state_shardings
+      self._jitted_reference_logps = train_step.jit_logps(fn, params_lib.combine(sh.params, sh.frozen), batch_sh)
+    return self._jitted_reference_logps(self.reference(), batch)
 
   def model(self):
     """The policy as rollouts see it (`rollout_params`)."""
@@ -363,8 +374,6 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   model_config = run.model().config
   rollout_cfg = setup.rollout_config(c, run.tokenizer, model_config.vision)
   loss_cfg = setup.loss_config(c)
-  chunk = train_step.LossConfig().chunk_size
-  logps = jax.jit(train_step.logps_fn(run.setup.graphdef, chunk, loss_cfg.group_size, c.train.micro_batches))
   end = c.train.steps if max_steps is None else min(c.train.steps, run.step + max_steps)
   last: dict[str, float] = {}
   if run.step == 0 and c.train.eval_every:
@@ -382,9 +391,10 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
       r = rollouts.sample_rollouts(run.model(), run.tokenizer, rollout_cfg, prepared, host_seconds=waited,
                                    place=run.place_prompts)
       t0 = time.perf_counter()
-      batch = place_batch(r.batch, train_step.batch_shardings(r.batch, run.mesh))  # once, for both passes
+      batch_sh = train_step.batch_shardings(r.batch, run.mesh)
+      batch = place_batch(r.batch, batch_sh)  # once, for both passes
       if run.reference_params is not None:
-        batch = batch.replace(ref_logps=jax.block_until_ready(logps(run.reference(), batch)))
+        batch = batch.replace(ref_logps=jax.block_until_ready(run.reference_logps(batch, batch_sh)))
       t1 = time.perf_counter()
       train_metrics = run.update(batch, loss_cfg, c.rl.num_iterations)
       t2 = time.perf_counter()

@@ -158,7 +158,10 @@ def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, p
   Returns a TokenBatch of P * G rows (advantages and trajectory mask filled; old/ref log-probs zero) and the step's
   rollout metrics. host_seconds: the preparation's seconds the step waited for (`time/host`; default: all of them,
   as when it was made in line). place: puts the prompts on the devices the sampler runs on (e.g. rows split over
-  the mesh's batch axes; default: as they are).
+  the mesh's batch axes, which the sampler's programs then keep: `sampler.generate`; default: as they are).
+
+  Every process reads all rows (tokens and masks are gathered from the processes that hold them) and scores them
+  alike, so the host's rewards, advantages and batch are the same on each.
   """
   examples, levels, chats, prompts = prepared.examples, prepared.levels, prepared.chats, prepared.prompts
   p, g = len(examples), cfg.group_size

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable, TypeVar
 
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from noisygrpo_jax import sharding
 from noisygrpo_jax.data import loading
@@ -20,6 +22,8 @@ from noisygrpo_jax.rl import rewards as rewards_lib
 from noisygrpo_jax.sampling import sampler
 from noisygrpo_jax.training import optimizer as optimizer_lib
 from noisygrpo_jax.training import memory, params as params_lib, rollouts, train_step
+
+T = TypeVar("T")
 
 GROUP_SIZE_ERROR = ("rl.group_size={g} does not match the {n} noise levels {levels}; with the fixed grid each "
                     "rollout of a group takes one level: set rl.group_size={n} or change rl.noise.levels")
@@ -60,6 +64,21 @@ def make_mesh(config):
   return sharding.make_mesh(m.data, m.fsdp, m.tensor)
 
 
+def process_zero_first(make: Callable[[], T], name: str) -> T:
+  """`make()` on process 0, then on the other processes once it has returned (`name` labels the barrier).
+
+  What `make` prepares on a disk that the processes share (the dataset in data.data_dir, the tokenizer in
+  train.workdir) is then written once and read by the others, never raced: two processes preparing one tfds dataset
+  at once fail in its final rename. On disks of their own, the others prepare their own copies as process 0 did.
+  """
+  if jax.process_count() == 1:
+    return make()
+  first = jax.process_index() == 0
+  result = make() if first else None
+  multihost_utils.sync_global_devices(name)
+  return result if first else make()
+
+
 def data_dir(config) -> str:
   return config.data.data_dir or os.path.join(config.train.workdir, "data")
 
@@ -77,11 +96,15 @@ def dataset_kwargs(config) -> dict:
 
 
 def load_split(config, split: str):
-  return loading.load_split(config.data.name, split, data_dir(config), **dataset_kwargs(config))
+  """Split `split` of the run's dataset, prepared in data_dir(config) if needed (by process 0 first)."""
+  return process_zero_first(
+      lambda: loading.load_split(config.data.name, split, data_dir(config), **dataset_kwargs(config)),
+      f"load_split {split}")
 
 
 def build_tokenizer(config, train_examples) -> tokenizer_lib.Tokenizer:
-  """The run's tokenizer; the word-level one is built from the training texts once and kept in the workdir."""
+  """The run's tokenizer; the word-level one is built from the training texts once and kept in the workdir
+  (by process 0 first: `process_zero_first`)."""
   kind = config.tokenizer.kind
   if kind == "qwen":
     return tokenizer_lib.qwen2_5_tokenizer()
@@ -90,15 +113,18 @@ def build_tokenizer(config, train_examples) -> tokenizer_lib.Tokenizer:
   if kind != "word":
     raise ValueError(f"tokenizer.kind={kind!r} must be 'word', 'qwen' or 'checkpoint'")
   saved = os.path.join(config.train.workdir, "tokenizer")
-  if os.path.exists(os.path.join(saved, "tokenizer.json")):
-    return tokenizer_lib.load_tokenizer(saved)
-  texts = [chat_template.COT_INSTRUCTION] + [t for ex in train_examples
-                                             for t in (ex["problem"], ex.get("cot", ""), ex["solution"])]
-  words = tokenizer_lib.word_level_vocabulary(texts)
-  tokenizer = tokenizer_lib.word_level_tokenizer(words, config.model.vocab_size)
-  if jax.process_index() == 0:
+
+  def word_level():
+    if os.path.exists(os.path.join(saved, "tokenizer.json")):
+      return tokenizer_lib.load_tokenizer(saved)
+    texts = [chat_template.COT_INSTRUCTION] + [t for ex in train_examples
+                                               for t in (ex["problem"], ex.get("cot", ""), ex["solution"])]
+    tokenizer = tokenizer_lib.word_level_tokenizer(tokenizer_lib.word_level_vocabulary(texts),
+                                                   config.model.vocab_size)
     tokenizer.save(saved)
-  return tokenizer
+    return tokenizer
+
+  return process_zero_first(word_level, "build_tokenizer")
 
 
 def model_config(config, tokenizer) -> model_config_lib.Qwen25VLConfig:

@@ -251,6 +251,12 @@ def logps_fn(graphdef, chunk_size: int, group_size: int = 1, micro_batches: int 
   return fn
 
 
+def jit_logps(fn, params_sh: dict, batch_sh: TokenBatch) -> Callable:
+  """A `logps_fn` under jax.jit with explicit shardings: the parameters in `params_sh`, the batch in `batch_sh` (rows
+  over the batch axes, `batch_shardings`), and the log-probs float32 [N, M] rows-split as the completion mask."""
+  return jax.jit(fn, in_shardings=(params_sh, batch_sh), out_shardings=batch_sh.completion_mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # Shardings
 

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -78,9 +79,12 @@ def logged_steps(workdir) -> list[int]:
 
 
 def state_arrays(checkpoint_step_dir) -> dict[str, np.ndarray]:
-  """Every array of a saved train state (params, optimizer state, step), by path."""
-  restored = ocp.StandardCheckpointer().restore(os.path.join(checkpoint_step_dir, "state"))
-  return dict(_flatten(restored))
+  """Every array of a saved train state (params, optimizer state, step), by path, read into numpy whatever devices
+  and processes wrote it (without a target, orbax restores onto the writer's devices only)."""
+  checkpointer = ocp.StandardCheckpointer()
+  path = os.path.join(checkpoint_step_dir, "state")
+  stored = checkpointer.metadata(path).item_metadata.tree
+  return dict(_flatten(checkpointer.restore(path, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), stored))))
 
 
 def _flatten(tree, prefix=""):

@@ -162,10 +162,11 @@ def test_sampling_frequencies_match_the_truncated_distribution(top_k, top_p, tem
 
 
 def test_sharded_batch_equals_single_device(tmp_path):
-  """Rows split over 8 devices give the single device's tokens; with the rollout layout (Run.rollout_params:
-  weights replicated) the compiled decode loop holds no collective but the all-rows stop check's all-reduce, while
-  the training layout (FSDP) gathers weights inside it (with scanned layers, one all-gather per sharded weight of the
-  layer body, every step)."""
+  """Rows split over 8 devices give the single device's tokens; given the mesh, prefill and decode keep every
+  [B, ...] leaf of the decode state and the KV cache [layers, B, S, K, head_dim] rows-split over the batch axes (the
+  step and key replicated); with the rollout layout (Run.rollout_params: weights replicated) the compiled decode loop
+  holds no collective but the all-rows stop check's all-reduce, while the training layout (FSDP) gathers weights
+  inside it (with scanned layers, one all-gather per sharded weight of the layer body, every step)."""
   script = textwrap.dedent("""
       import os, re
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -191,22 +192,34 @@ def test_sharded_batch_equals_single_device(tmp_path):
       sharded = jax.tree.map(rows, prompts.replace(position_ids=None)).replace(
           position_ids=rows(prompts.position_ids, axis=1))
       assert len(sharded.input_ids.sharding.device_set) == 8
-      out = S.generate(model, sharded, jax.random.key(0), params)
+      out = S.generate(model, sharded, jax.random.key(0), params, mesh=mesh)
       np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
       assert np.abs(np.asarray(out.logprobs) - np.asarray(single.logprobs)).max() <= 1e-5
+
+      def spec(x):  # trailing unsharded axes written out
+        return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+      batch = ("data", "fsdp")
+      cache = (None, batch, None, None, None)
+
+      def check_layout(state):
+        specs = {jax.tree_util.keystr(p): spec(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
+        want = {k: cache if k.startswith(".caches") else () if k in (".step", ".key") else
+                (batch,) + (None,) * (len(v) - 1) for k, v in specs.items()}
+        assert specs == want, specs
 
       graphdef, state = nnx.split(model)
       layouts = {"replicated": jax.device_put(state, NamedSharding(mesh, P())),
                  "train": jax.device_put(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))}
       counts = {}
       for name, weights in layouts.items():
-        decode_state = S.prefill(graphdef, weights, sharded, jax.random.key(0), params)
-        hlo = S.decode.lower(graphdef, weights, decode_state, ids.shape[1], params).compile().as_text()
+        decode_state = S.prefill(graphdef, weights, sharded, jax.random.key(0), params, mesh)
+        check_layout(decode_state)
+        hlo = S.decode.lower(graphdef, weights, decode_state, ids.shape[1], params, mesh).compile().as_text()
         counts[name] = {op: len(re.findall(rf"= \\S+ {op}(-start)?\\(", hlo))
                         for op in ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")}
-        if name == "replicated":
-          out = S.decode(graphdef, weights, decode_state, ids.shape[1], params)
-          np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(single.tokens))
+        final = S.decode(graphdef, weights, decode_state, ids.shape[1], params, mesh)
+        check_layout(final)
+        np.testing.assert_array_equal(np.asarray(final.tokens), np.asarray(single.tokens))
       assert counts["replicated"] == {"all-gather": 0, "all-reduce": 1, "reduce-scatter": 0,
                                       "collective-permute": 0, "all-to-all": 0}, counts
       assert counts["train"]["all-gather"] >= 7, counts  # the 7 fsdp-sharded kernels of a decoder layer

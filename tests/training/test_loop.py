@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -131,6 +132,38 @@ def test_runs_from_one_warm_start_share_its_step_0_evaluation_and_may_freeze_wha
   step0 = [r for r in metrics_lib.read_jsonl(os.path.join(second, "metrics.jsonl")) if r["step"] == 0]
   assert step0[0]["eval/test/accuracy"] == 0.123456
   assert len(glob.glob(os.path.join(warm, "evaluations", "*.json"))) == 1
+
+
+def test_reference_log_prob_program_keeps_rows_split_on_8_devices():
+  """The trainer's reference log-prob program (train_step.jit_logps with the shardings Run.reference_logps gives it:
+  the train state's parameter shardings, the batch's rows over the batch axes) returns the log-probs rows-split
+  like the batch, equal to one device's."""
+  script = textwrap.dedent("""
+      import os
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      import jax, numpy as np
+      from flax import nnx
+      from noisygrpo_jax import sharding
+      from noisygrpo_jax.training import loops, params as params_lib, train_step as ts
+      from tests.training import helpers as H
+      model, batch = H.model_and_batch(n=8, group_size=4)
+      graphdef, state, optimizer, _, train_state = H.setup_state(model, freeze_vision=True)
+      fn = ts.logps_fn(graphdef, 64, group_size=4)
+      single = np.asarray(jax.jit(fn)(H.full_params(train_state), batch))
+      mesh = sharding.make_mesh(data=2, fsdp=4)
+      state_sh = ts.state_shardings(nnx.eval_shape(lambda: state), optimizer, mesh, freeze_vision=True)
+      params_sh = params_lib.combine(state_sh.params, state_sh.frozen)
+      batch_sh = ts.batch_shardings(batch, mesh)
+      logps = ts.jit_logps(fn, params_sh, batch_sh)(jax.device_put(H.full_params(train_state), params_sh),
+                                                      loops.place_batch(batch, batch_sh))
+      assert logps.sharding == batch_sh.completion_mask, logps.sharding
+      assert tuple(logps.sharding.spec) == (("data", "fsdp"), None) and len(logps.sharding.device_set) == 8
+      assert np.abs(np.asarray(logps) - single).max() <= 1e-5
+      print("LOGPS_OK")
+      """)
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+  assert "LOGPS_OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_source_fingerprint_follows_python_sources_only(tmp_path):
