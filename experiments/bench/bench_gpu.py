@@ -231,7 +231,7 @@ def rollout_config(recipe: Recipe, tokenizer, config: cfg.Qwen25VLConfig, seed: 
                                     pad_id=tokenizer.pad_id, prefill_micro_batches=prefill_micro_batches)
   image = image_lib.ImageProcessorConfig(min_pixels=recipe.min_pixels, max_pixels=recipe.max_pixels,
                                          patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-                                         merge_size=v.spatial_merge_size)
+                                         merge_size=v.spatial_merge_size, pixel_dtype="uint8")
   return rollouts.RolloutConfig(
       group_size=recipe.group_size, noise_enabled=True, noise_levels=recipe.noise_levels, noise_schedule="fixed",
       noise_quantize="wrap", noise_anneal="none", advantage=recipe.advantage,

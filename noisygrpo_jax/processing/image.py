@@ -3,7 +3,8 @@
 Per image: load -> RGB (transparency composited onto white) -> `smart_resize` to multiples of
 `patch_size * merge_size` with PIL bicubic -> rescale by 1/255 -> CLIP mean/std normalisation ->
 duplicate the still frame to `temporal_patch_size` -> flatten to patches. The result equals HF
-`Qwen2VLImageProcessor` (PIL backend) bit for bit on the inputs it accepts.
+`Qwen2VLImageProcessor` (PIL backend) bit for bit on the inputs it accepts. With `pixel_dtype="uint8"` the
+normalisation is left to the device: the patches hold the uint8 levels, which `normalise` maps to the same values.
 
 Patch layout. A clip of `grid_t * temporal_patch_size` frames, resized to
 `(grid_h * patch_size, grid_w * patch_size)`, becomes `pixel_values[grid_t * grid_h * grid_w, C*T*P*P]`:
@@ -57,6 +58,9 @@ class ImageProcessorConfig:
   merge_size: int = 2  # merge_size x merge_size patches make one language-model token
   image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
   image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+  # "float32": normalised pixel values, as HF's processor. "uint8": the patches' uint8 levels, 4x fewer bytes to
+  # the device, where the model normalises them (`normalise`) with the CLIP table, so only the CLIP mean/std.
+  pixel_dtype: str = "float32"
 
   def __post_init__(self):
     problems = []
@@ -67,6 +71,12 @@ class ImageProcessorConfig:
       problems.append(f"min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
     if len(self.image_mean) != 3 or len(self.image_std) != 3 or min(self.image_std) <= 0:
       problems.append(f"image_mean={self.image_mean} / image_std={self.image_std} need 3 entries, std > 0")
+    if self.pixel_dtype not in ("float32", "uint8"):
+      problems.append(f"pixel_dtype={self.pixel_dtype!r} must be 'float32' or 'uint8'")
+    clip = (tuple(self.image_mean), tuple(self.image_std)) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    if self.pixel_dtype == "uint8" and not clip:
+      problems.append(f"pixel_dtype='uint8' needs the CLIP image_mean/image_std the model normalises levels with; "
+                      f"got {self.image_mean} / {self.image_std} (use pixel_dtype='float32')")
     if problems:
       raise ValueError("Invalid ImageProcessorConfig: " + "; ".join(problems))
 
@@ -121,7 +131,7 @@ def config_from_hf(path_or_dict: str | os.PathLike | dict[str, Any]) -> ImagePro
 class ImageInputs:
   """Vision inputs for the images of one example or one batch, concatenated in order."""
 
-  pixel_values: np.ndarray  # (sum over images of t*h*w, 3*T*P*P) float32
+  pixel_values: np.ndarray  # (sum over images of t*h*w, 3*T*P*P) float32, or uint8 levels (config.pixel_dtype)
   image_grid_thw: np.ndarray  # (num_images, 3) int64: patches along time (1 for images), height, width
   merge_size: int = 2
 
@@ -141,7 +151,7 @@ class ImageInputs:
 class VideoInputs:
   """Vision inputs for videos, concatenated in order."""
 
-  pixel_values_videos: np.ndarray  # (sum over videos of t*h*w, 3*T*P*P) float32
+  pixel_values_videos: np.ndarray  # (sum over videos of t*h*w, 3*T*P*P) float32, or uint8 levels
   video_grid_thw: np.ndarray  # (num_videos, 3) int64
   second_per_grid_ts: np.ndarray  # (num_videos,) float32: seconds spanned by one temporal patch
   merge_size: int = 2
@@ -356,9 +366,23 @@ def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.
   return ((levels[None, :] - mean32[:, None]) / std32[:, None]).astype(np.float32)
 
 
+def normalise(levels, xp=np):
+  """Patches' uint8 levels -> their CLIP-normalised float32 values, HF's bit for bit (`_normalisation_table`).
+
+  Args:
+    levels: uint8 [..., 3*T*P*P] in `patchify`'s layout: within a patch the channel is the slowest axis.
+    xp: numpy (on the host) or jax.numpy (on the device, e.g. inside jit: a gather from a [3, 256] table).
+  Returns:
+    float32 [..., 3*T*P*P].
+  """
+  width = levels.shape[-1]
+  channel = np.arange(width) // (width // 3)
+  return xp.asarray(_normalisation_table(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))[channel, levels]
+
+
 def patchify(frames: np.ndarray, config: ImageProcessorConfig = ImageProcessorConfig()
              ) -> tuple[np.ndarray, tuple[int, int, int]]:
-  """Normalises and flattens resized frames into patches.
+  """Flattens resized frames into patches, normalised unless `config.pixel_dtype` is "uint8".
 
   Args:
     frames: (F, H, W, 3) uint8 with H, W multiples of `config.factor`. F is padded to a multiple of
@@ -366,28 +390,31 @@ def patchify(frames: np.ndarray, config: ImageProcessorConfig = ImageProcessorCo
     config: patch geometry and normalisation constants.
 
   Returns:
-    pixel_values (grid_t*grid_h*grid_w, config.patch_dim) float32 in the layout described in the module
-    docstring, and (grid_t, grid_h, grid_w).
+    pixel_values (grid_t*grid_h*grid_w, config.patch_dim) float32 (or the uint8 levels) in the layout described
+    in the module docstring, and (grid_t, grid_h, grid_w).
   """
   num_frames, height, width, channels = frames.shape
   tp, p, m = config.temporal_patch_size, config.patch_size, config.merge_size
   if height % config.factor or width % config.factor or channels != 3 or frames.dtype != np.uint8:
     raise ValueError(f"patchify needs (F, H, W, 3) uint8 with H, W multiples of {config.factor}; "
                      f"got {frames.shape} {frames.dtype}")
-  stored = tp  # frames per temporal patch that are gathered; the rest are copies
+  stored = tp  # frames per temporal patch that are read; the rest are copies
   if num_frames == 1:
-    stored = 1  # a still image: normalise once, then duplicate
+    stored = 1  # a still image: lay out (and normalise) once, then duplicate
   elif num_frames % tp:
     pad = np.broadcast_to(frames[-1:], (tp - num_frames % tp, height, width, channels))
     frames = np.concatenate([frames, pad])
   gt, gh, gw = -(-num_frames // tp), height // p, width // p
   # (gt, tp, gh/m, m, p, gw/m, m, p, c) -> (gt, gh/m, gw/m, m, m, c, tp, p, p)
   levels = frames.reshape(gt, stored, gh // m, m, p, gw // m, m, p, channels).transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-  table = _normalisation_table(tuple(config.image_mean), tuple(config.image_std))
-  out = np.empty((*levels.shape[:6], tp, p, p), np.float32)
-  for c in range(channels):
-    # mode="clip" lets numpy write straight into the strided output (indices are uint8, always valid).
-    np.take(table[c], levels[..., c, :, :, :], out=out[..., c, :stored, :, :], mode="clip")
+  out = np.empty((*levels.shape[:6], tp, p, p), np.dtype(config.pixel_dtype))
+  if config.pixel_dtype == "uint8":
+    out[..., :stored, :, :] = levels
+  else:
+    table = _normalisation_table(tuple(config.image_mean), tuple(config.image_std))
+    for c in range(channels):
+      # mode="clip" lets numpy write straight into the strided output (indices are uint8, always valid).
+      np.take(table[c], levels[..., c, :, :, :], out=out[..., c, :stored, :, :], mode="clip")
   if stored < tp:
     out[..., stored:, :, :] = out[..., :stored, :, :]
   return out.reshape(gt * gh * gw, channels * tp * p * p), (gt, gh, gw)

@@ -201,10 +201,11 @@ def sampling_params(config, tokenizer, greedy: bool = False) -> sampler.Sampling
 
 def image_config(config, vision: model_config_lib.VisionConfig) -> image_lib.ImageProcessorConfig:
   """The resize budget from data.*, and the patch geometry of the model's vision tower (a processor with another
-  patch or merge size would hand the tower patches of the wrong size or token counts it cannot merge)."""
+  patch or merge size would hand the tower patches of the wrong size or token counts it cannot merge). Patches are
+  uint8 levels, normalised by the model on the device."""
   return image_lib.ImageProcessorConfig(min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels,
                                         patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                                        merge_size=vision.spatial_merge_size)
+                                        merge_size=vision.spatial_merge_size, pixel_dtype="uint8")
 
 
 def rollout_config(config, tokenizer, vision: model_config_lib.VisionConfig) -> rollouts.RolloutConfig:

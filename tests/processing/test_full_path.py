@@ -1,5 +1,6 @@
 """Images + questions -> our processing -> our model, against HF's image processor -> HF model; and bucketing."""
 
+import jax
 import numpy as np
 import PIL.Image
 import pytest
@@ -7,6 +8,7 @@ import torch
 from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl import config as cfg
+from noisygrpo_jax.models.qwen2_5_vl import host
 from noisygrpo_jax.models.qwen2_5_vl import model as model_lib
 from noisygrpo_jax.processing import chat_template, collate, image, tokenizer
 from noisygrpo_jax.processing.errors import PromptTooLongError
@@ -29,8 +31,8 @@ def _images(seed, sizes):
   return [PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
 
 
-def _ours(tok, images, questions, **buckets):
-  processed = [image.process_image(im, image.ImageProcessorConfig(**PIXELS)) for im in images]
+def _ours(tok, images, questions, pixel_dtype="float32", **buckets):
+  processed = [image.process_image(im, image.ImageProcessorConfig(**PIXELS, pixel_dtype=pixel_dtype)) for im in images]
   chats = [chat_template.encode_chat(tok, chat_template.vqa_messages(q), p.image_grid_thw,
                                      add_generation_prompt=True) for p, q in zip(processed, questions)]
   return collate.collate_prompts(chats, processed, CONFIG, pad_id=tok.pad_id, **buckets)
@@ -52,6 +54,34 @@ def test_our_processing_and_model_equal_hf_processor_and_model(setup, hf_process
     expected = hf(**ref.hf_inputs(CONFIG, ids, mask, pixel_values=pixel_values, image_grid_thw=grids)).logits.numpy()
   got = np.asarray(ours(batch.input_ids, batch.position_ids, batch.attention_mask, batch.vision))
   assert np.abs(expected - got)[mask.astype(bool)].max() <= 1e-4
+
+
+def test_uint8_levels_give_the_float_batchs_vision_features_and_logits(setup):
+  """The model normalises uint8 levels on the device to the very values of the float batch; the padding patches
+  (level 0 there, 0.0 here: other values) stay out of the real ones and of the logits."""
+  tok, _, ours = setup
+  images = _images(3, [(90, 120), (40, 64)])  # the second row's patches are padded to the first's
+  questions = ["how many red shapes are there ?", "is there a blue circle ?"]
+  levels, floats = _ours(tok, images, questions, "uint8"), _ours(tok, images, questions)
+  assert levels.vision.pixel_values.dtype == np.uint8 and levels.vision.pixel_values.nbytes * 4 == (
+      floats.vision.pixel_values.nbytes)
+  graphdef, state = nnx.split(ours)
+  features = jax.jit(lambda v: nnx.merge(graphdef, state).vision_features(v))
+  real = [int(n) for n in (floats.input_ids == CONFIG.image_token_id).sum(1)]
+  got, expected = np.asarray(features(levels.vision)), np.asarray(features(floats.vision))
+  for row, n in enumerate(real):
+    np.testing.assert_array_equal(got[row, :n], expected[row, :n])
+  logits = lambda b: np.asarray(model_lib.jitted_logits(graphdef, state, b.input_ids, b.position_ids,
+                                                        b.attention_mask, b.vision))
+  mask = floats.attention_mask.astype(bool)
+  np.testing.assert_array_equal(logits(levels)[mask], logits(floats)[mask])
+
+
+def test_uint8_levels_and_float_values_cannot_share_a_vision_batch():
+  patches = np.zeros((4, CONFIG.vision.patch_dim), np.uint8)
+  rows = [([patches], [(1, 2, 2)]), ([patches.astype(np.float32)], [(1, 2, 2)])]
+  with pytest.raises(ValueError, match="one ImageProcessorConfig.pixel_dtype"):
+    host.pack_vision_batch(rows, CONFIG.vision)
 
 
 def test_same_bucket_compiles_once(setup):

@@ -1,7 +1,10 @@
 """Image and video processing against HF's Qwen2VLImageProcessor (PIL backend), bit for bit."""
 
+import functools
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -222,6 +225,25 @@ def test_still_image_is_a_two_frame_clip_of_itself():
   image = ip.process_image(frame, config)
   video = ip.process_video([frame, frame], config=config)
   np.testing.assert_array_equal(image.pixel_values, video.pixel_values_videos)
+
+
+@pytest.mark.parametrize("size", [(28, 28), (90, 120), (301, 77), (512, 384)])
+def test_uint8_levels_normalised_on_the_device_equal_the_float_pixel_values(size):
+  """Bit for bit: the device's table gather reproduces the host's (HF's) values in every column's channel."""
+  frame = _pattern(*size, 90 + size[0])
+  levels = ip.process_image(frame, ip.ImageProcessorConfig(pixel_dtype="uint8")).pixel_values
+  floats = ip.process_image(frame).pixel_values
+  assert levels.dtype == np.uint8 and levels.nbytes * 4 == floats.nbytes
+  np.testing.assert_array_equal(np.asarray(jax.jit(functools.partial(ip.normalise, xp=jnp))(levels)), floats)
+  np.testing.assert_array_equal(ip.normalise(levels), floats)
+
+
+def test_uint8_video_levels_and_the_clip_table_only():
+  clip = np.stack([_pattern(56, 84, 95 + i) for i in range(3)])  # 3 frames: the last one is repeated
+  levels = ip.process_video(clip, config=ip.video_config(pixel_dtype="uint8")).pixel_values_videos
+  np.testing.assert_array_equal(ip.normalise(levels), ip.process_video(clip).pixel_values_videos)
+  with pytest.raises(ValueError, match="CLIP"):
+    ip.ImageProcessorConfig(pixel_dtype="uint8", image_mean=(0.5, 0.5, 0.5))
 
 
 # ------------------------------------------------------------------------------------------------

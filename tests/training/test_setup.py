@@ -1,6 +1,7 @@
 """What setup unpacks from the configs: the real presets' dtype policy and reward rules, the rollout reward functions,
 and a learning-rate schedule that counts optimizer updates."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -8,7 +9,7 @@ from configs import noisygrpo
 from noisygrpo_jax.models.qwen2_5_vl import config as model_config
 from noisygrpo_jax.processing import tokenizer as tokenizer_lib
 from noisygrpo_jax.rl import rewards
-from noisygrpo_jax.training import setup
+from noisygrpo_jax.training import loops, rollouts, setup
 
 YES_NO = "Is there a piano? " + rewards.YES_NO_TRIGGER
 TOKENIZER = tokenizer_lib.word_level_tokenizer(["piano"], 512)
@@ -52,3 +53,20 @@ def test_learning_rate_schedule_counts_optimizer_updates():
   schedule = setup.learning_rate_schedule(c, updates_per_step=c.rl.num_iterations)
   lr = c.optim.learning_rate
   np.testing.assert_allclose([float(schedule(n)) for n in (0, 10, 19, 20)], [lr, lr / 2, lr / 20, 0.0], rtol=1e-6)
+
+
+def test_rollout_and_sft_batches_send_uint8_levels_a_quarter_of_the_float_bytes():
+  """The trainer's vision pixels (rollouts, so also the clean batch of the policy/reference passes; SFT) cross to the
+  device as uint8 levels, which the model normalises there."""
+  c = noisygrpo.get_config("tiny")
+  tok = tokenizer_lib.word_level_tokenizer(["what", "colour", "?", "red", "blue"], 512)
+  model_cfg = setup.model_config(c, tok)
+  rng = np.random.default_rng(0)
+  examples = [{"id": i, "image": rng.integers(0, 256, (40 + 20 * i, 60, 3), dtype=np.uint8), "problem": "what colour ?",
+               "solution": "red", "cot": "red"} for i in range(2)]
+  cfg = setup.rollout_config(c, tok, model_cfg.vision)
+  prompts = rollouts.prepare_rollouts(tok, cfg, model_cfg, examples, jax.random.key(0), 0, 10).prompts
+  sft = loops.sft_batch(c, tok, examples, model_cfg)
+  for pixels in (prompts.vision.pixel_values, sft.vision.pixel_values):
+    assert pixels.dtype == np.uint8 and pixels.shape[-1] == model_cfg.vision.patch_dim
+    assert pixels.nbytes * 4 == np.zeros(pixels.shape, np.float32).nbytes

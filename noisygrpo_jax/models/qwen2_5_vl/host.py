@@ -81,7 +81,8 @@ class VisionBatch:
   P is the patch bucket (a multiple of merge_unit = 4); padding patches come last and form their own
   attention segment (id 0), so they never mix with real patches. All index arrays are per row.
 
-  pixel_values: [B, P, 1176] float; the processor's flattened patches, in token order of the row.
+  pixel_values: [B, P, 1176] float32, or uint8 levels the model normalises; the processor's flattened patches, in
+    token order of the row. Padding patches are zeros (level 0).
   window_index: int32 [B, P/4]; merged-token permutation into window order.
   reverse_index: int32 [B, P/4]; its inverse (window order back to token order).
   rope_ids: int32 [B, P, 2]; (h, w) coordinates of each patch, already in window order.
@@ -106,10 +107,10 @@ def pack_vision_row(patches: Sequence[np.ndarray], grids: Sequence[Sequence[int]
   """Packs one row's images/videos (in the order their tokens appear) into `num_patches` patches.
 
   Args:
-    patches: float [t*h*w, patch_dim] per image or video.
+    patches: float32 or uint8 [t*h*w, patch_dim] per image or video.
     grids: (t, h, w) per image or video.
     num_patches: the bucket P, a multiple of vision.merge_unit and >= the total patch count.
-    pixel_values: optional float32 [P, patch_dim] zeros to write the patches into (a batch's row: no copy).
+    pixel_values: optional [P, patch_dim] zeros of the patches' dtype to write them into (a batch's row: no copy).
   Returns:
     the fields of VisionBatch for this row, without the batch axis.
   """
@@ -120,7 +121,7 @@ def pack_vision_row(patches: Sequence[np.ndarray], grids: Sequence[Sequence[int]
     raise ValueError(f"patch bucket {num_patches} must be a multiple of {unit} and hold the row's {total} "
                      "patches; choose a larger bucket or fewer/smaller images.")
   if pixel_values is None:
-    pixel_values = np.zeros((num_patches, vision.patch_dim), np.float32)
+    pixel_values = np.zeros((num_patches, vision.patch_dim), _pixel_dtype([patches]))
   start = 0
   for p in patches:
     pixel_values[start:start + len(p)] = p
@@ -145,6 +146,16 @@ def pack_vision_row(patches: Sequence[np.ndarray], grids: Sequence[Sequence[int]
   )
 
 
+def _pixel_dtype(rows: Sequence[Sequence[np.ndarray]]) -> np.dtype:
+  """The one dtype of the rows' non-empty patches (float32 when there are none): uint8 levels and float values
+  cannot share a batch (writing floats into levels would truncate them)."""
+  dtypes = {np.dtype(p.dtype) for patches in rows for p in patches if len(p)}
+  if len(dtypes) > 1:
+    raise ValueError(f"patches of dtypes {sorted(map(str, dtypes))} in one vision batch; process all images with "
+                     "one ImageProcessorConfig.pixel_dtype")
+  return dtypes.pop() if dtypes else np.dtype(np.float32)
+
+
 def pack_vision_batch(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[Sequence[int]]]],
                       vision: VisionConfig, num_patches: int | None = None) -> VisionBatch:
   """Stacks `pack_vision_row` over rows; `num_patches` defaults to the largest row rounded up to 4."""
@@ -152,7 +163,7 @@ def pack_vision_batch(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[Sequen
     largest = max((sum(int(np.prod(g)) for g in grids) for _, grids in rows), default=0)
     num_patches = max(vision.merge_unit, -(-largest // vision.merge_unit) * vision.merge_unit)
   # The pixels, the bulk, are written once into the batch array; the small index fields are stacked.
-  pixels = np.zeros((len(rows), num_patches, vision.patch_dim), np.float32)
+  pixels = np.zeros((len(rows), num_patches, vision.patch_dim), _pixel_dtype([p for p, _ in rows]))
   packed = [pack_vision_row(p, g, vision, num_patches, pixels[r]) for r, (p, g) in enumerate(rows)]
   return VisionBatch(**{k: pixels if k == "pixel_values" else np.stack([r[k] for r in packed]) for k in packed[0]})
 

@@ -18,6 +18,7 @@ from noisygrpo_jax.models.qwen2_5_vl import stacking
 from noisygrpo_jax.models.qwen2_5_vl.config import VisionConfig
 from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, local_attention,
                                                     segment_attention)
+from noisygrpo_jax.processing import image
 
 # Full-attention blocks attend over all P patches of a row; beyond this many patches the queries are
 # processed in blocks of this size so the float32 scores stay [heads, 1024, P] (dense: [heads, P, P],
@@ -33,7 +34,10 @@ class PatchEmbed(nnx.Module):
                        dtype=dtype, rngs=rngs)
 
   def __call__(self, pixel_values: jax.Array) -> jax.Array:
-    """[P, 1176] -> [P, hidden] in the parameters' dtype (the tower computes in the dtype it is stored in)."""
+    """[P, 1176] normalised float pixel values, or their uint8 levels (`image.normalise`d here) -> [P, hidden] in
+    the parameters' dtype (the tower computes in the dtype it is stored in)."""
+    if pixel_values.dtype == jnp.uint8:
+      pixel_values = image.normalise(pixel_values, xp=jnp)
     return self.proj(pixel_values.astype(self.proj.kernel.dtype))
 
 
