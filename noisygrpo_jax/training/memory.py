@@ -179,7 +179,8 @@ def layer_activation_bytes(rows: int, q_len: int, kv_len: int, hidden: int, inte
   Per token about 10 hidden-wide tensors (input, the norm's float32 copy and output, q, k, v before and after
   RoPE, attention output, residual; GQA's smaller k, v counted as full) and 4 MLP-wide ones (gate, up, silu,
   product); per head and (query, key) pair the float32 scores, their masked copy and the softmax in the compute
-  dtype (attention is not fused, see layers.attention), for `score_queries` queries at a time (default: all
+  dtype (the einsum path of layers.attention; where the fused cuDNN kernel takes a pass on GPU it holds none of
+  them, so there the estimate is an upper bound), for `score_queries` queries at a time (default: all
   q_len; a query-chunked attention holds one chunk's). The constants were checked against XLA's compiled
   memory analysis of the tiny model's train step at 8 to 64 rows (the estimate came within about 15%).
   """
