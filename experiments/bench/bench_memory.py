@@ -134,8 +134,8 @@ def measure(config, case: Case, compute: str) -> dict:
     t0 = time.perf_counter()
     xla[name] = xla_bytes(lower().compile())
     times[name] = time.perf_counter() - t0
-  for merged, parts in {"prefill + decode": ("prefill", "decode")}.items():
-    xla[merged], times[merged] = max(xla.pop(p) for p in parts), sum(times.pop(p) for p in parts)
+  xla["prefill + decode"] = max(xla.pop("prefill"), xla.pop("decode"))
+  times["prefill + decode"] = times.pop("prefill") + times.pop("decode")
   rows = case.prompts * case.group_size
   run = memory.RunShape(rows=rows, prompt_len=prompt_len, max_new_tokens=case.new_tokens,
                         patches=int(np.prod(case.grid)), micro_batches=case.micro_batches,
