@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.aggregation = "sequence_mean_token_mean"  # | token_mean (DAPO) | sequence_sum_over_max_len (Dr.GRPO)
   c.rl.num_iterations = 1  # mu: policy updates per rollout batch (ratio uses stored old log-probs)
   c.rl.mask_noise_correct = False  # drop noisy rollouts that beat the clean one (spec section 3)
+  # Groups whose semantic rewards are all equal: none (trained on; NoisyGRPO gives them its noise prior) | drop (out of
+  # the update) | refill (DAPO's dynamic sampling: more prompts until the step has prompts_per_step informative ones)
+  c.rl.filter_groups = "none"
+  c.rl.filter_max_rounds = 3  # refill: rollout rounds of train.prompts_per_step prompts per step at most
   c.rl.max_new_tokens = 256  # completion budget
   c.rl.rollout_weights = "replicated"  # rollout copy layout: replicated (no weight gathers per token) | train (FSDP)
   c.rl.prefill_micro_batches = 1  # rollout prompts prefilled in parts of rows (divides the rows; 0 = fewest that fit)

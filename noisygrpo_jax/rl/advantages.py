@@ -154,6 +154,18 @@ def noisygrpo_advantages(rewards, noise_levels, mask=None, *, r_value: float = 0
   return adv, diagnostics
 
 
+def informative_groups(rewards, mask=None) -> jax.Array:
+  """bool [num_groups]: True where a group's valid rewards [num_groups, G] are not all equal.
+
+  A group whose rollouts all scored alike carries no reward signal (GRPO's advantages are all 0 there; NoisyGRPO's
+  are its noise prior alone): the groups that DAPO's dynamic sampling and EasyR1's online filtering leave out.
+  """
+  r, valid = _prepare(rewards, mask)
+  high = jnp.where(valid, r, -jnp.inf).max(-1)
+  low = jnp.where(valid, r, jnp.inf).min(-1)
+  return high > low
+
+
 ADVANTAGE_ESTIMATORS: dict[str, Callable] = {
     "grpo": grpo_advantages,
     "drgrpo": drgrpo_advantages,

@@ -78,3 +78,28 @@ def chunked_token_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.A
     return logps
   entropy = lse - sum_exp_logit / sum_exp  # H = lse - E_p[logit]
   return logps, entropy
+
+
+def logprob_drift(sampler_logps, trainer_logps, mask) -> dict[str, jax.Array]:
+  """How far the trainer's recomputed log-probs are from the sampler's for the same tokens.
+
+  Both are log p(token) at temperature 1 without truncation; on the same weights and image they differ only by
+  numerical noise, so a larger gap means the two passes see different inputs (padding, positions, images).
+
+  Args:
+    sampler_logps, trainer_logps: float [B, T].
+    mask: [B, T], nonzero where a token counts.
+  Returns:
+    float32 scalars "abs_diff" (mean |difference| over counted tokens), "max_abs_diff", and "correlation" (Pearson,
+    over counted tokens; NaN with fewer than 2 tokens or a constant side).
+  """
+  a, b = jnp.asarray(sampler_logps, jnp.float32), jnp.asarray(trainer_logps, jnp.float32)
+  w = (jnp.asarray(mask) != 0).astype(jnp.float32)
+  n = w.sum()
+  diff = jnp.abs(a - b) * w
+  mean = lambda x: (x * w).sum() / jnp.maximum(n, 1.0)
+  da, db = (a - mean(a)) * w, (b - mean(b)) * w
+  var_a, var_b = (da * da).sum(), (db * db).sum()
+  defined = (n >= 2) & (var_a > 0) & (var_b > 0)
+  correlation = jnp.where(defined, (da * db).sum() / jnp.sqrt(jnp.where(defined, var_a * var_b, 1.0)), jnp.nan)
+  return {"abs_diff": diff.sum() / jnp.maximum(n, 1.0), "max_abs_diff": diff.max(), "correlation": correlation}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import jax
 import numpy as np
 
+from noisygrpo_jax.models.qwen2_5_vl import host
 from noisygrpo_jax.processing.collate import PromptBatch
 from noisygrpo_jax.training.train_step import TokenBatch
 
@@ -40,3 +44,35 @@ def token_batch(prompts: PromptBatch, tokens, completion_mask, *, advantages=Non
       old_logps=zeros if old_logps is None else np.asarray(old_logps, np.float32),
       ref_logps=zeros if ref_logps is None else np.asarray(ref_logps, np.float32),
   )
+
+
+def take_rows(batch: TokenBatch, rows) -> TokenBatch:
+  """The batch's rows `rows` (int [K]), in that order (host arrays)."""
+  rows = np.asarray(rows)
+  taken = jax.tree.map(lambda x: np.asarray(x)[rows], batch.replace(position_ids=None))
+  return taken.replace(position_ids=np.asarray(batch.position_ids)[:, rows])
+
+
+def concatenate(parts: Sequence[TokenBatch], pad_id: int) -> TokenBatch:
+  """The rows of host TokenBatches of one completion length M, in order, as `token_batch` of their prompts collated
+  together would give them: prompts left-padded to the longest prompt bucket among the parts (pad_id, attention 0,
+  position 0) and images packed into the largest patch bucket (host.pad_vision_batch)."""
+  if len({p.completion_len for p in parts}) != 1:
+    raise ValueError(f"cannot concatenate batches of completion lengths {[p.completion_len for p in parts]}")
+  length = max(p.input_ids.shape[1] for p in parts)
+  with_vision = [p.vision is not None for p in parts]
+  if any(with_vision) and not all(with_vision):
+    raise ValueError("cannot concatenate batches with and without images")
+  patches = max(p.vision.num_patches for p in parts) if all(with_vision) else 0
+
+  def padded(p: TokenBatch) -> TokenBatch:
+    extra = length - p.input_ids.shape[1]
+    left = lambda x, value: np.concatenate([np.full(x.shape[:-1] + (extra,), value, np.asarray(x).dtype),
+                                            np.asarray(x)], axis=-1)
+    return p.replace(input_ids=left(p.input_ids, pad_id), attention_mask=left(p.attention_mask, 0),
+                     position_ids=left(p.position_ids, 0),
+                     vision=host.pad_vision_batch(p.vision, patches) if patches else None)
+
+  parts = [padded(p) for p in parts]
+  joined = jax.tree.map(lambda *xs: np.concatenate(xs), *[p.replace(position_ids=None) for p in parts])
+  return joined.replace(position_ids=np.concatenate([p.position_ids for p in parts], axis=1))

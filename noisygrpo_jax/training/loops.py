@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from noisygrpo_jax import atomic_io
 from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
+from noisygrpo_jax.rl import logprobs as logprobs_lib
 from noisygrpo_jax.training import batches, checkpointing, params as params_lib, rollouts, setup, train_step
 from noisygrpo_jax.training import throughput, vision_pretrain
 from noisygrpo_jax.training.metrics import MetricsWriter
@@ -234,11 +235,15 @@ class Run:
                                                                self.mesh)
     return self._jitted_steps[loss_cfg]
 
-  def update(self, batch: train_step.TokenBatch, loss_cfg: train_step.LossConfig, iterations: int = 1):
-    """Puts the batch on the mesh and runs `iterations` jitted policy updates; returns the last metrics.
+  def update(self, batch: train_step.TokenBatch, loss_cfg: train_step.LossConfig, iterations: int = 1
+             ) -> tuple[dict[str, float], jax.Array]:
+    """Puts the batch on the mesh and runs `iterations` jitted policy updates.
 
     The first update's ratio is exactly 1 (old = its own log-probs); the log-probs it computed before updating are
     the old log-probs of the later ones (mu > 1).
+
+    Returns (the last update's metrics, the first update's log-probs float32 [N, M]: the trainer's log-probs of the
+    batch under the policy that sampled it).
     """
     batch_sh = train_step.batch_shardings(batch, self.mesh)
     batch = place_batch(batch, batch_sh)
@@ -252,7 +257,7 @@ class Run:
       skipped += int(metrics["skipped"])
     self.consecutive_skips = count_skips(self.consecutive_skips, skipped > 0,
                                          self.config.train.max_consecutive_skips, self.step + 1)
-    return {**{k: float(v) for k, v in metrics.items()}, "skipped": float(skipped)}
+    return {**{k: float(v) for k, v in metrics.items()}, "skipped": float(skipped)}, batch.old_logps
 
   def save(self) -> None:
     self.checkpointer.save(self.step, self.state, {"step": self.step, "data_position": self.data_position,
@@ -367,6 +372,38 @@ class RolloutInputs:
       self.executor.shutdown(cancel_futures=True)
 
 
+def logprob_drift(r: rollouts.Rollouts, trainer_logps: np.ndarray) -> dict[str, float]:
+  """`drift/*` metrics: the sampler's against the trainer's log-probs float32 [N, M] of the rollouts that saw the
+  clean image they are trained on (noise level 0: each group's first), over their completion tokens
+  (rl.logprobs.logprob_drift). At numerical noise on a correct path; a jump means the sampler and the trainer
+  see different inputs."""
+  clean = r.levels == 0
+  drift = logprobs_lib.logprob_drift(r.sampler_logps[clean], trainer_logps[clean],
+                                     np.asarray(r.batch.completion_mask)[clean])
+  return {f"drift/logp_{k}": float(v) for k, v in drift.items()}
+
+
+def refill_groups(run: Run, cfg: rollouts.RolloutConfig, model_config, first: rollouts.Rollouts
+                  ) -> rollouts.Rollouts:
+  """rl.filter_groups="refill" (DAPO's dynamic sampling): while the step has fewer than train.prompts_per_step
+  informative groups, another round of rollouts of the next train.prompts_per_step prompts (the data position moves
+  on), at most rl.filter_max_rounds rounds in all; then the step's groups (`rollouts.select_groups`).
+
+  Round k of step s draws its noise and samples from fold_in(fold_in(seed key, s), k) (round 0: the step's own key),
+  so a resumed run refills as the uninterrupted one did. The prefetched inputs of the next step assumed one round and
+  are made again when more were taken.
+  """
+  c = run.config
+  count = c.train.prompts_per_step
+  rounds = [first]
+  while sum(int(r.informative.sum()) for r in rounds) < count and len(rounds) < c.rl.filter_max_rounds:
+    key = jax.random.fold_in(jax.random.fold_in(run.key, run.step), len(rounds))
+    prepared = rollouts.prepare_rollouts(run.tokenizer, cfg, model_config, run.next_examples(count), key, run.step,
+                                         c.train.steps)
+    rounds.append(rollouts.sample_rollouts(run.model(), run.tokenizer, cfg, prepared, place=run.place_prompts))
+  return rollouts.select_groups(rounds, count, run.tokenizer.pad_id)
+
+
 def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
   """Trains until train.steps (or `max_steps` more steps); returns the last logged metrics."""
   run = Run(config, "rl")
@@ -390,13 +427,15 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
         inputs.prefetch(run.step + 1, run.data_position)
       r = rollouts.sample_rollouts(run.model(), run.tokenizer, rollout_cfg, prepared, host_seconds=waited,
                                    place=run.place_prompts)
+      if c.rl.filter_groups == "refill":
+        r = refill_groups(run, rollout_cfg, model_config, r)
       t0 = time.perf_counter()
       batch_sh = train_step.batch_shardings(r.batch, run.mesh)
       batch = place_batch(r.batch, batch_sh)  # once, for both passes
       if run.reference_params is not None:
         batch = batch.replace(ref_logps=jax.block_until_ready(run.reference_logps(batch, batch_sh)))
       t1 = time.perf_counter()
-      train_metrics = run.update(batch, loss_cfg, c.rl.num_iterations)
+      train_metrics, trainer_logps = run.update(batch, loss_cfg, c.rl.num_iterations)
       t2 = time.perf_counter()
       shapes = dict(rows=batch.input_ids.shape[0], prompt_len=batch.input_ids.shape[1] - batch.completion_len,
                     decode_steps=int(r.metrics["decode/steps"]),
@@ -409,6 +448,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
               **throughput.step_metrics(model_config, **shapes,
                                         tokens=r.metrics["tokens/prompt"] + r.metrics["tokens/completion"],
                                         seconds=t2 - start, devices=jax.device_count(), peak_flops=peak_flops),
+              **logprob_drift(r, rollouts.host_array(trainer_logps)),
               "data/position": run.data_position}
       postfix = dict(reward=f"{last['reward/semantic']:.3f}", clean_acc=f"{last['reward/clean_accuracy']:.2f}",
                      K=f"{last.get('advantage/kalman_gain', float('nan')):.2f}",
@@ -473,8 +513,8 @@ def run_sft(config, max_steps: int | None = None) -> dict[str, float]:
   while run.step < end:
     examples = run.next_examples(c.train.prompts_per_step)
     t0 = time.perf_counter()
-    last = {f"train/{k}": v for k, v in run.update(sft_batch(c, run.tokenizer, examples, model_config),
-                                                    loss_cfg).items()}
+    metrics, _ = run.update(sft_batch(c, run.tokenizer, examples, model_config), loss_cfg)
+    last = {f"train/{k}": v for k, v in metrics.items()}
     last["time/train"] = time.perf_counter() - t0
     run.finish_step(last, end, bar, dict(loss=f"{last['train/loss']:.3f}"))
   return run.close(last, bar)

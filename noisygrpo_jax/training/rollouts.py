@@ -46,6 +46,7 @@ class RolloutConfig:
   patch_buckets: tuple[int, ...]
   max_prompt_tokens: int  # 0: the largest prompt bucket is the only limit
   truncate_prompts: bool = False  # cut over-long questions to fit (counted) instead of raising
+  filter_groups: str = "none"  # rl.filter_groups: none | drop | refill (both leave equal-reward groups out)
 
 
 @dataclasses.dataclass
@@ -53,6 +54,9 @@ class Rollouts:
   batch: TokenBatch  # rows grouped by prompt, clean (level 0) rollout first; clean images
   metrics: dict[str, float]
   completions: list[str]
+  sampler_logps: np.ndarray  # float32 [N, M]: the sampler's log-probs of its tokens (temperature 1, untruncated)
+  levels: np.ndarray  # float32 [N]: each rollout's noise level (0: it saw the clean image it is trained on)
+  informative: np.ndarray  # bool [N / G]: groups whose semantic rewards are not all equal
 
 
 def noise_levels(cfg: RolloutConfig, key, num_prompts: int, step: int, total_steps: int) -> np.ndarray:
@@ -168,7 +172,7 @@ def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, p
   t0 = time.perf_counter()
   timings = {}
   out = sampler.generate(model, place(prompts) if place else prompts, prepared.sample_key, cfg.sampling, timings)
-  tokens, mask = host_array(out.tokens), host_array(out.mask)
+  tokens, mask, sampler_logps = host_array(out.tokens), host_array(out.mask), host_array(out.logprobs)
   t1 = time.perf_counter()
 
   completions = tokenizer.decode_batch([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
@@ -180,6 +184,9 @@ def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, p
   adv, diag = advantages_lib.compute_advantages(cfg.advantage, semantic, levels, **cfg.advantage_hyper)
   trajectory = (objective.mask_noise_correct(accuracy, levels) if cfg.mask_noise_correct
                 else np.ones((p, g), np.float32))
+  informative = np.asarray(advantages_lib.informative_groups(semantic))
+  if cfg.filter_groups != "none":  # equal-reward groups leave the update
+    trajectory = trajectory * informative[:, None]
   t2 = time.perf_counter()
 
   # Every rollout is scored on its group's clean image: row 0 of each group.
@@ -201,6 +208,7 @@ def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, p
       "completion/length": float(mask.sum(1).mean()),
       "completion/truncated": float((mask[:, -1] > 0).mean()),
       "rollout/kept_fraction": float(np.asarray(trajectory).mean()),
+      "filter/uninformative_fraction": float(1.0 - informative.mean()),
       "time/host": prepared.seconds if host_seconds is None else host_seconds,  # noise, processing, collation
       "time/generate": t1 - t0,  # prefill + decode
       "time/prefill": timings["prefill"],
@@ -214,4 +222,42 @@ def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, p
   for name in ("kalman_gain", "sigma"):
     if name in diag:
       metrics[f"advantage/{name}"] = float(np.asarray(diag[name]).mean())
-  return Rollouts(batch=batch, metrics=metrics, completions=completions)
+  return Rollouts(batch=batch, metrics=metrics, completions=completions, sampler_logps=sampler_logps,
+                  levels=np.asarray(levels, np.float32).reshape(-1), informative=informative)
+
+
+def select_groups(rounds: Sequence[Rollouts], count: int, pad_id: int) -> Rollouts:
+  """One step's `count` groups from several rollout rounds (rl.filter_groups="refill"): the informative ones in the
+  order they were sampled, then, when the rounds hold fewer, the first uninformative ones (whose trajectory mask
+  already leaves them out of the loss). The batch is assembled on the host (`batches.concatenate`).
+
+  Metrics: the first round's reward, prompt and completion statistics (the step's own prompts, comparable with runs
+  without refill); times, token counts and decode steps summed over the rounds; the kept fraction and advantages of
+  the selected groups; `filter/rounds` and `filter/informative_fraction` (of the selected groups).
+  """
+  g = len(rounds[0].levels) // len(rounds[0].informative)
+  informative = np.concatenate([r.informative for r in rounds])
+  chosen = np.sort(np.concatenate([np.flatnonzero(informative), np.flatnonzero(~informative)])[:count])
+  parts, completions, logps, levels = [], [], [], []
+  start = 0
+  for r in rounds:
+    groups = chosen[(chosen >= start) & (chosen < start + len(r.informative))] - start
+    start += len(r.informative)
+    if len(groups):
+      rows = (groups[:, None] * g + np.arange(g)).reshape(-1)
+      parts.append(batches.take_rows(r.batch, rows))
+      completions += [r.completions[i] for i in rows]
+      logps.append(r.sampler_logps[rows])
+      levels.append(r.levels[rows])
+  batch = batches.concatenate(parts, pad_id)
+  metrics = dict(rounds[0].metrics)
+  for key in metrics:
+    if key.startswith(("time/", "tokens/")) or key == "decode/steps":
+      metrics[key] = sum(r.metrics[key] for r in rounds)
+  metrics["throughput/generated_tokens_per_s"] = metrics["tokens/completion"] / max(metrics["time/generate"], 1e-9)
+  metrics.update({"rollout/kept_fraction": float(np.mean(batch.trajectory_mask)),
+                  "advantage/abs_mean": float(np.abs(batch.advantages).mean()),
+                  "filter/rounds": float(len(rounds)),
+                  "filter/informative_fraction": float(informative[chosen].mean())})
+  return Rollouts(batch=batch, metrics=metrics, completions=completions, sampler_logps=np.concatenate(logps),
+                  levels=np.concatenate(levels), informative=informative[chosen])

@@ -49,6 +49,11 @@ def validate(config) -> None:
   if rl.rollout_weights not in ("replicated", "train"):
     raise ValueError(f"rl.rollout_weights={rl.rollout_weights!r} must be 'replicated' (the whole rollout copy on every "
                      "device) or 'train' (the training layout)")
+  if rl.filter_groups not in ("none", "drop", "refill"):
+    raise ValueError(f"rl.filter_groups={rl.filter_groups!r} must be 'none', 'drop' (equal-reward groups leave the "
+                     "update) or 'refill' (more prompts until the step has only informative groups)")
+  if rl.filter_max_rounds < 1:
+    raise ValueError(f"rl.filter_max_rounds={rl.filter_max_rounds} must be >= 1 (1: refill never samples again)")
   rows = config.train.prompts_per_step * rl.group_size
   if rl.prefill_micro_batches and rows % rl.prefill_micro_batches:
     raise ValueError(f"rl.prefill_micro_batches={rl.prefill_micro_batches} does not divide the {rows} rollout rows "
@@ -219,7 +224,7 @@ def rollout_config(config, tokenizer, vision: model_config_lib.VisionConfig) -> 
       mask_noise_correct=rl.mask_noise_correct, sampling=sampling_params(config, tokenizer),
       image=image_config(config, vision), prompt_buckets=tuple(config.data.prompt_buckets),
       patch_buckets=tuple(config.data.patch_buckets), max_prompt_tokens=config.data.max_prompt_tokens,
-      truncate_prompts=config.data.truncate_prompts)
+      truncate_prompts=config.data.truncate_prompts, filter_groups=rl.filter_groups)
 
 
 def loss_config(config, kind: str = "grpo") -> train_step.LossConfig:

@@ -218,3 +218,11 @@ def test_invariant_to_a_constant_shift(rewards, levels, shift):
     a, _ = fn(rewards, levels)
     b, _ = fn(rewards + np.float32(shift), levels)
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, err_msg=name)
+
+
+def test_informative_groups_by_hand():
+  rewards = np.array([[1.8, 1.8, 1.8, 1.8], [0.0, 0.0, 0.0, 0.0], [1.8, 1.8, 0.8, 1.8], [2.0, 2.0, 2.0, 0.0]])
+  np.testing.assert_array_equal(adv_lib.informative_groups(rewards), [False, False, True, True])
+  # Only valid rollouts count: the last group's one differing reward is masked out.
+  mask = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]])
+  np.testing.assert_array_equal(adv_lib.informative_groups(rewards, mask), [False, False, True, False])

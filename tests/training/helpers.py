@@ -14,9 +14,10 @@ from tests.models import hf_reference as ref
 CONFIG = cfg.tiny()
 
 
-def model_and_batch(n: int = 8, m: int = 6, seed: int = 0, group_size: int = 1):
-  """n rows: n / group_size left-padded prompts with one image each, each prompt (ids, positions and image) in
-  group_size consecutive rows as rollouts.generate_rollouts builds them; completions of different lengths."""
+def model_and_prompts(n: int = 8, seed: int = 0, group_size: int = 1):
+  """(model, PromptBatch of n rows, the numpy generator that drew them): n / group_size left-padded prompts with one
+  image each, each prompt (ids, positions and image) in group_size consecutive rows as rollouts.generate_rollouts
+  builds them."""
   model = Qwen25VL(CONFIG, nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
   grids = [(1, 4, 4 + 2 * (i % 2)) for i in range(n // group_size)]
@@ -25,6 +26,12 @@ def model_and_batch(n: int = 8, m: int = 6, seed: int = 0, group_size: int = 1):
   rows = np.repeat(np.arange(len(grids)), group_size)
   prompts = S.prompts_from_hf(model, ids[rows], mask[rows], pixel_values=np.concatenate([pixels[i] for i in rows]),
                               image_grid_thw=np.array(grids)[rows])
+  return model, prompts, rng
+
+
+def model_and_batch(n: int = 8, m: int = 6, seed: int = 0, group_size: int = 1):
+  """`model_and_prompts`' n rows with random completions of different lengths."""
+  model, prompts, rng = model_and_prompts(n, seed, group_size)
   tokens = rng.integers(0, CONFIG.text.vocab_size - 8, (n, m))
   completion_mask = np.ones((n, m), np.float32)
   for i in range(n):

@@ -58,6 +58,8 @@ def test_tiny_run_of_20_steps_writes_metrics_events_and_checkpoints(tmp_path, da
               "time/prefill", "time/decode", "time/reward", "time/reference", "time/train",
               "throughput/tokens_per_s_per_device", "throughput/model_tflops"):
     assert all(np.isfinite(r[key]) for r in records if "reward/semantic" in r), key
+  # The sampler's and the trainer's log-probs of the clean rollouts agree to float32 noise (tests/training/test_drift).
+  assert max(r["drift/logp_abs_diff"] for r in records if "reward/semantic" in r) <= 1e-5
   step = next(r for r in records if "reward/semantic" in r)
   parts = sum(step[f"time/{p}"] for p in ("host", "prefill", "decode", "reward", "reference", "train"))
   assert parts <= step["time/step"] <= parts + 0.5  # the phases account for the step (numpy bookkeeping aside)

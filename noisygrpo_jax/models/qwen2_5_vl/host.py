@@ -168,6 +168,22 @@ def pack_vision_batch(rows: Sequence[tuple[Sequence[np.ndarray], Sequence[Sequen
   return VisionBatch(**{k: pixels if k == "pixel_values" else np.stack([r[k] for r in packed]) for k in packed[0]})
 
 
+def pad_vision_batch(batch: VisionBatch, num_patches: int) -> VisionBatch:
+  """`batch` packed into a larger bucket of `num_patches` patches, as `pack_vision_batch` would pack its rows: the
+  added patches are zero padding in segment 0 whose merged tokens stay in place at the end."""
+  b, p = batch.pixel_values.shape[:2]
+  unit = p // batch.window_index.shape[1]
+  if num_patches < p or num_patches % unit:
+    raise ValueError(f"cannot pad {p} patches to {num_patches}: the bucket must be a larger multiple of {unit}")
+  pad = lambda x, value=0: np.concatenate([x, np.full((b, num_patches - p) + x.shape[2:], value, x.dtype)], axis=1)
+  in_place = np.broadcast_to(np.arange(p // unit, num_patches // unit, dtype=np.int32), (b, (num_patches - p) // unit))
+  return VisionBatch(pixel_values=pad(batch.pixel_values),
+                     window_index=np.concatenate([batch.window_index, in_place], axis=1),
+                     reverse_index=np.concatenate([batch.reverse_index, in_place], axis=1),
+                     rope_ids=pad(batch.rope_ids), window_segment_ids=pad(batch.window_segment_ids),
+                     full_segment_ids=pad(batch.full_segment_ids))
+
+
 # ------------------------------------------------------------------------------------------------
 # M-RoPE positions
 
