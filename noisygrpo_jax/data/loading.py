@@ -6,12 +6,13 @@ import collections.abc
 import logging
 import operator
 import os
-from typing import Any
+from typing import Any, Callable
 
-from noisygrpo_jax.data.local_vqa import LocalVqa
+from noisygrpo_jax.data.local_vqa import LocalVqa, unpack_example
 from noisygrpo_jax.data.shapes_vqa import ShapesVqa
 
 BUILDERS = {"shapes_vqa": ShapesVqa, "local_vqa": LocalVqa}
+UNPACK = {"local_vqa": unpack_example}  # stored example -> example, where the stored form differs
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +23,12 @@ def _decode(example: dict[str, Any]) -> dict[str, Any]:
 
 class NumpyExamples(collections.abc.Sequence):
   """Random access over a tfds data source: each example a dict of numpy arrays and str (text is decoded
-  from the UTF-8 bytes tfds returns). Reads from disk on access; slicing returns a list."""
+  from the UTF-8 bytes tfds returns), then passed through `unpack` when given. Reads from disk on access; slicing
+  returns a list."""
 
-  def __init__(self, source):
+  def __init__(self, source, unpack: Callable[[dict[str, Any]], dict[str, Any]] | None = None):
     self._source = source
+    self._unpack = unpack
 
   def __len__(self) -> int:
     return len(self._source)
@@ -38,7 +41,8 @@ class NumpyExamples(collections.abc.Sequence):
       index += len(self)
     if not 0 <= index < len(self):
       raise IndexError(f"example {index} out of range for a split of {len(self)}")
-    return _decode(self._source[index])
+    example = _decode(self._source[index])
+    return example if self._unpack is None else self._unpack(example)
 
   def __repr__(self) -> str:
     return f"NumpyExamples({self._source!r}, {len(self)} examples)"
@@ -70,4 +74,4 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike, **config) -> 
   if skipped:  # also on later runs, which read the prepared copy without meeting the bad rows again
     logger.warning("%s split %r: %d bad rows were skipped when the dataset was prepared (skip_bad_rows=True); "
                    "%d examples remain", name, split, skipped, len(source))
-  return NumpyExamples(source)
+  return NumpyExamples(source, UNPACK.get(name))

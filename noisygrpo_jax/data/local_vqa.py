@@ -1,9 +1,11 @@
 """tfds builder `LocalVqa`: VQA JSONL files plus an image folder on local disk -> ArrayRecord.
 
 Each split is one JSONL file of rows {"image": relative path, "problem", "solution", "id" (optional)}
-(`records.iter_jsonl_vqa`). Images are decoded with PIL to RGB uint8. A bad row stops preparation with an
-error naming the file and line, unless the config sets `skip_bad_rows=True`: then bad rows are logged and
-their number per split is kept in `builder.info.metadata["skipped_rows"]` (saved with the dataset).
+(`records.iter_jsonl_vqa`); "image" may be a list of paths, or given as "images". Images are decoded with PIL to
+RGB uint8. A row's images, of any sizes, are stored as their concatenated flat pixels and their shapes
+(`pack_images`); `unpack_example` turns a stored example back into one with "image" or "images". A bad row stops
+preparation with an error naming the file and line, unless the config sets `skip_bad_rows=True`: then bad rows are
+logged and their number per split is kept in `builder.info.metadata["skipped_rows"]` (saved with the dataset).
 
   config = local_vqa_config({"train": "data/train.jsonl", "test": "data/test.jsonl"}, image_root="data/images")
   builder = LocalVqa(data_dir="/tmp/tfds", config=config)
@@ -23,9 +25,9 @@ from typing import Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from noisygrpo_jax.data.records import DataError, iter_jsonl_vqa, read_jsonl_vqa
+from noisygrpo_jax.data.records import DataError, example_images, iter_jsonl_vqa, read_jsonl_vqa, with_images
 
-__all__ = ["LocalVqa", "LocalVqaConfig", "local_vqa_config", "read_jsonl_vqa", "DataError"]
+__all__ = ["LocalVqa", "LocalVqaConfig", "local_vqa_config", "read_jsonl_vqa", "DataError", "unpack_example"]
 
 
 @dataclasses.dataclass(eq=False)
@@ -64,14 +66,33 @@ def local_vqa_config(files: str | os.PathLike | Mapping[str, str | os.PathLike],
                         description=f"Local VQA from {', '.join(p for _, p in pairs)}")
 
 
+def pack_images(example: dict) -> dict:
+  """An example's images (uint8 [H, W, 3] each, sizes vary) as the stored features: "image_pixels" uint8 [N] (all
+  pixels, flat, in order) and "image_shapes" int32 [num_images, 3]. tfds cannot decode a sequence of ragged arrays."""
+  images = example_images(example)
+  rest = {k: v for k, v in example.items() if k not in ("image", "images")}
+  return {**rest, "image_pixels": np.concatenate([im.reshape(-1) for im in images]),
+          "image_shapes": np.asarray([im.shape for im in images], np.int32)}
+
+
+def unpack_example(stored: dict) -> dict:
+  """A stored example (`pack_images`) -> an example with "image" uint8 [H, W, 3], or "images" when it has several."""
+  shapes = np.asarray(stored["image_shapes"])
+  flat = np.split(np.asarray(stored["image_pixels"]), np.cumsum(np.prod(shapes, axis=1))[:-1])
+  rest = {k: v for k, v in stored.items() if k not in ("image_pixels", "image_shapes")}
+  return with_images(rest, [f.reshape(shape) for f, shape in zip(flat, shapes)])
+
+
 class LocalVqa(tfds.core.GeneratorBasedBuilder):
   """VQA examples from local JSONL files and images.
 
-  Features: image uint8 [H, W, 3] (sizes vary); problem, solution, id: text. Splits: the config's files.
+  Features: image_pixels uint8 [N] and image_shapes int32 [num_images, 3] (`pack_images`); problem, solution,
+  id: text. Splits: the config's files. Read examples through `unpack_example` (as `loading.load_split` does).
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "2.0.0": "Several images per row: stored as flat pixels and their shapes."}
   # No download checksums to find. tfds would look for them next to the code through `importlib_resources`,
   # which is not installed (and crashes) for a builder inside a package.
   code_path = None
@@ -88,7 +109,8 @@ class LocalVqa(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=self.__doc__,
         features=tfds.features.FeaturesDict({
-            "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="zlib"),
+            "image_pixels": tfds.features.Tensor(shape=(None,), dtype=np.uint8, encoding="zlib"),
+            "image_shapes": tfds.features.Tensor(shape=(None, 3), dtype=np.int32),
             "problem": tfds.features.Text(),
             "solution": tfds.features.Text(),
             "id": tfds.features.Text(),
@@ -110,4 +132,4 @@ class LocalVqa(tfds.core.GeneratorBasedBuilder):
 
     for i, example in enumerate(iter_jsonl_vqa(path, cfg.image_root, skip_bad_rows=cfg.skip_bad_rows,
                                                on_skip=count_skip)):
-      yield i, example
+      yield i, pack_images(example)

@@ -5,6 +5,11 @@ same helpers. Every failure is a `DataError` naming the records file, the line a
 
 A JSONL row has the original NoisyGRPO fields (other keys are ignored):
   {"image": "relative/path.jpg", "problem": "question text", "solution": "reference answer", "id": optional}
+"image" may also be a list of paths, or the row may give the list as "images" (not both). A problem with one
+`<image>` marker per image places each image at its marker; one without markers has all images before it.
+
+An example holds its one image as "image" (uint8 [H, W, 3]) or its several as "images" (a list of them), never both;
+`example_images` reads either and `with_images` writes the right one.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import PIL.ImageOps
 
 logger = logging.getLogger(__name__)
 
-VQA_FIELDS = ("image", "problem", "solution")
+VQA_FIELDS = ("problem", "solution")  # besides the images ("image" or "images")
+IMAGE_MARKER = "<image>"  # where an image goes in a problem (the EasyR1 / VLM-R1 datasets' convention)
+IMAGE_MARKER_FIX = (f"Put one {IMAGE_MARKER} marker in the problem per image, where that image goes, or none "
+                    "(then all images go before the question)")
 MAX_LOGGED_SKIPS = 20  # skipped rows logged one by one; the rest only in the final count
 
 
@@ -33,6 +41,33 @@ class DataError(ValueError):
     self.path, self.line, self.problem, self.fix, self.unit = os.fspath(path), line, problem, fix, unit
     where = self.path if line is None else f"{self.path}, {unit} {line}"
     super().__init__(f"{where}: {problem}. {fix}")
+
+
+# ------------------------------------------------------------------------------------------------
+# An example's images.
+
+
+def example_images(example: dict[str, Any]) -> list[Any]:
+  """The images of an example, in order: its "images" list or its one "image" (uint8 [H, W, 3] arrays, or paths)."""
+  if "images" in example and "image" in example:
+    raise ValueError(f"example {example.get('id', '?')} has both 'image' and 'images'; keep one (with_images)")
+  return list(example["images"]) if "images" in example else [example["image"]]
+
+
+def with_images(example: dict[str, Any], images: list[Any]) -> dict[str, Any]:
+  """A copy of `example` holding `images`: one as "image", several as "images"."""
+  if not images:
+    raise ValueError(f"example {example.get('id', '?')}: an example needs at least one image")
+  rest = {k: v for k, v in example.items() if k not in ("image", "images")}
+  return {**rest, "image": images[0]} if len(images) == 1 else {**rest, "images": list(images)}
+
+
+def image_marker_problem(question: str, num_images: int) -> str | None:
+  """What is wrong with the `<image>` markers of a question for `num_images` images, or None (0 or one per image)."""
+  markers = question.count(IMAGE_MARKER)
+  if markers in (0, num_images):
+    return None
+  return f"the problem has {markers} {IMAGE_MARKER} marker(s) for {num_images} image(s)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,26 +209,44 @@ def _require_text(row: dict[str, Any], field: str, path: str, line: int) -> str:
   return value
 
 
+def _row_image_paths(row: dict[str, Any], path: str, line: int) -> list[str]:
+  """The image paths of a row: "image" (a path or a list of them) or "images" (a list)."""
+  if "image" in row and "images" in row:
+    raise DataError(path, line, "the row has both 'image' and 'images'",
+                    'Give its images under one key: "image": "a.png", "image": ["a.png", "b.png"] or "images": [...]')
+  key = "images" if "images" in row else "image"
+  value = row[key]
+  paths = [value] if isinstance(value, str) and key == "image" else value
+  if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+    fix = 'Write images as ["a.png", "b.png"]' if key == "images" else 'Write image as "a.png" or ["a.png", "b.png"]'
+    raise DataError(path, line, f"field {key!r} must be a path or a non-empty list of paths, got {value!r:.80}", fix)
+  return paths
+
+
 def parse_vqa_row(row: Any, *, path: str, line: int, image_root: str, decode_images: bool = True
                   ) -> dict[str, Any]:
-  """One JSONL row -> {"id": str, "image": uint8 [H, W, 3] (or the absolute path when not decoding),
-  "problem": str, "solution": str}."""
+  """One JSONL row -> {"id": str, "problem": str, "solution": str} with its image (uint8 [H, W, 3], or the absolute
+  path when not decoding) as "image", or its several as "images" (`with_images`)."""
   if not isinstance(row, dict):
     raise DataError(path, line, f"expected a JSON object, got {type(row).__name__}",
                     'Write each row as {"image": ..., "problem": ..., "solution": ...}')
-  missing = [f for f in VQA_FIELDS if f not in row]
+  missing = [f for f in VQA_FIELDS if f not in row] + ([] if "image" in row or "images" in row else ["image"])
   if missing:
     raise DataError(path, line, f"missing field(s) {', '.join(missing)} (the row has {', '.join(sorted(row))})",
-                    "Every row needs image (a path relative to the image root), problem and solution")
-  image, problem, solution = (_require_text(row, f, path, line) for f in VQA_FIELDS)
+                    "Every row needs image (a path relative to the image root, or a list of them), problem and "
+                    "solution")
+  problem, solution = (_require_text(row, f, path, line) for f in VQA_FIELDS)
+  image_paths = _row_image_paths(row, path, line)
+  marker_problem = image_marker_problem(problem, len(image_paths))
+  if marker_problem:
+    raise DataError(path, line, marker_problem, IMAGE_MARKER_FIX)
   row_id = row.get("id", f"{os.path.splitext(os.path.basename(path))[0]}-{line}")
   if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
     raise DataError(path, line, f"field 'id' must be a string or an integer, got {row_id!r:.80}",
                     "Fix the id or leave it out (the line number is used instead)")
-  image_path = os.path.join(image_root, image)
   load = decode_image if decode_images else check_image_file
-  return {"id": str(row_id), "image": load(image_path, path=path, line=line), "problem": problem,
-          "solution": solution}
+  images = [load(os.path.join(image_root, p), path=path, line=line) for p in image_paths]
+  return with_images({"id": str(row_id), "problem": problem, "solution": solution}, images)
 
 
 def iter_jsonl_vqa(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,

@@ -7,6 +7,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from noisygrpo_jax.data import records
 from noisygrpo_jax.evaluation import metrics as metrics_lib
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
@@ -30,7 +31,8 @@ def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], para
     chunk = list(examples[start:start + batch_size])
     real = len(chunk)
     chunk += [chunk[0]] * (batch_size - real)
-    images = [image_lib.process_image(ex["image"], image_config) for ex in chunk]
+    images = [image_lib.process_images(records.example_images(ex), image_config, f"example {ex.get('id', '?')}")
+              for ex in chunk]
     chats = encode_prompts(tokenizer, chunk, [im.image_grid_thw for im in images])
     prompts = collate.collate_prompts(chats, images, model.config, pad_id=tokenizer.pad_id,
                                       prompt_buckets=prompt_buckets, patch_buckets=patch_buckets)
@@ -48,13 +50,20 @@ def final_answer(completion: str) -> str:
 
 def image_reliance(model, tokenizer, examples, params, image_config, completions: Sequence[str], **kwargs) -> float:
   """Fraction of the examples' final answers (`final_answer` of `completions`) that change when every example is
-  shown the next example's image instead of its own: 0 for a model that ignores its images. Only the answer
-  counts: a chain of thought that describes the other image but ends in the same answer is no change."""
+  shown the next example's images instead of its own (as many as it has: the next example's, repeated in turn, so
+  its `<image>` markers still match): 0 for a model that ignores its images. Only the answer counts: a chain of
+  thought that describes the other image but ends in the same answer is no change."""
   if len(examples) < 2:
     raise ValueError("image_reliance needs at least 2 examples to exchange their images")
-  swapped = [dict(ex, image=examples[(i + 1) % len(examples)]["image"]) for i, ex in enumerate(examples)]
+  swapped = [_with_images_of(ex, examples[(i + 1) % len(examples)]) for i, ex in enumerate(examples)]
   other = answer(model, tokenizer, swapped, params, image_config, **kwargs)
   return float(np.mean([final_answer(a) != final_answer(b) for a, b in zip(completions, other)]))
+
+
+def _with_images_of(example: dict, other: dict) -> dict:
+  """`example` showing `other`'s images, cycled to `example`'s image count."""
+  own, theirs = records.example_images(example), records.example_images(other)
+  return records.with_images(example, [theirs[k % len(theirs)] for k in range(len(own))])
 
 
 def evaluate_split(model, tokenizer, examples, params, image_config, *, check_images: bool = False,

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from noisygrpo_jax.data.records import IMAGE_MARKER, IMAGE_MARKER_FIX, image_marker_problem
 from noisygrpo_jax.processing.errors import PromptTooLongError
 from noisygrpo_jax.processing.tokenizer import Tokenizer
 
@@ -102,14 +103,31 @@ def render(messages: Sequence[Message], add_generation_prompt: bool = False,
 
 
 def vqa_messages(question: str, num_images: int = 1, answer: str | None = None,
-                 system: str | None = None) -> list[dict[str, Any]]:
-  """A single-turn visual question: the images first, then the question; optionally the answer turn."""
+                 system: str | None = None, source: str | None = None) -> list[dict[str, Any]]:
+  """A single-turn visual question, optionally with the answer turn.
+
+  Each image goes at its `<image>` marker when the question has one per image; with no marker all images come first
+  (Qwen's template). Any other marker count raises ValueError naming `source` (e.g. "example 12").
+  """
   messages = [] if system is None else [{"role": "system", "content": system}]
-  content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+  content = _vqa_content(question, num_images, source)
   messages.append({"role": "user", "content": content})
   if answer is not None:
     messages.append({"role": "assistant", "content": answer})
   return messages
+
+
+def _vqa_content(question: str, num_images: int, source: str | None) -> list[dict[str, Any]]:
+  problem = image_marker_problem(question, num_images)
+  if problem:
+    raise ValueError(f"{source or 'question'}: {problem}. {IMAGE_MARKER_FIX}")
+  texts = question.split(IMAGE_MARKER)
+  if len(texts) == 1:
+    return [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": question}]
+  content = [{"type": "text", "text": texts[0]}]
+  for text in texts[1:]:
+    content += [{"type": "image"}, {"type": "text", "text": text}]
+  return [item for item in content if item["type"] == "image" or item["text"]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,12 +250,13 @@ def cot_question(question: str) -> str:
 
 def encode_vqa_prompts(tokenizer: Tokenizer, examples: Sequence[Mapping[str, Any]], image_grids: Sequence,
                        max_length: int | None = None, truncate: bool = False) -> list[EncodedChat]:
-  """RL/evaluation prompts: each example's `problem` with the reasoning instruction, one image, and the
-  generation prompt; `image_grids[i]` is example i's (1, 3) grid.
+  """RL/evaluation prompts: each example's `problem` with the reasoning instruction, its images (placed as
+  `vqa_messages` does), and the generation prompt; `image_grids[i]` is example i's (num_images, 3) grid.
 
   A prompt longer than `max_length` raises `PromptTooLongError` naming the example, unless `truncate`: then
-  the end of its question is cut until it fits (the instruction, image and template stay whole) and
-  `num_truncated` records how many tokens went. A prompt that does not fit even without its question raises.
+  the end of its question is cut until it fits (the instruction, images and template stay whole; only the text
+  after the last `<image>` marker is cut, so no marker is) and `num_truncated` records how many tokens went. A
+  prompt that does not fit even with that text cut away raises.
   """
   chats = []
   for i, (ex, grid) in enumerate(zip(examples, image_grids)):
@@ -250,25 +269,30 @@ def encode_vqa_prompts(tokenizer: Tokenizer, examples: Sequence[Mapping[str, Any
 
 
 def _vqa_prompt(tokenizer: Tokenizer, question: str, grid, max_length: int | None, source: str) -> EncodedChat:
-  return encode_chat(tokenizer, vqa_messages(cot_question(question)), grid, add_generation_prompt=True,
-                     max_length=max_length, source=source)
+  num_images = len(np.asarray(grid).reshape(-1, 3))
+  return encode_chat(tokenizer, vqa_messages(cot_question(question), num_images, source=source), grid,
+                     add_generation_prompt=True, max_length=max_length, source=source)
 
 
 def _fit_vqa_prompt(tokenizer: Tokenizer, question: str, grid, max_length: int, source: str) -> EncodedChat:
-  """The prompt with the longest prefix of `question` (binary search over characters) within `max_length`."""
+  """The prompt whose question keeps the longest prefix (binary search over characters) of its text after the last
+  `<image>` marker within `max_length`; the question up to that marker stays whole."""
   full = _vqa_prompt(tokenizer, question, grid, None, source)
   if len(full) <= max_length:
     return full
-  best = _vqa_prompt(tokenizer, "", grid, None, source)
+  last_marker = question.rfind(IMAGE_MARKER)
+  head_end = 0 if last_marker < 0 else last_marker + len(IMAGE_MARKER)
+  head, tail = question[:head_end], question[head_end:]
+  best = _vqa_prompt(tokenizer, head, grid, None, source)
   if len(best) > max_length:
     raise PromptTooLongError(
         source, f"even with its question cut away the prompt is {len(best)} tokens ({best.num_vision_tokens} "
         f"vision), over the budget max_length={max_length}",
-        "Lower max_pixels so the image yields fewer tokens, or raise max_length")
-  lo, hi = 0, len(question)  # question[:lo] fits, question[:hi] does not
+        "Lower max_pixels so the images yield fewer tokens, or raise max_length")
+  lo, hi = 0, len(tail)  # tail[:lo] fits, tail[:hi] does not
   while hi - lo > 1:
     mid = (lo + hi) // 2
-    chat = _vqa_prompt(tokenizer, question[:mid], grid, None, source)
+    chat = _vqa_prompt(tokenizer, head + tail[:mid], grid, None, source)
     if len(chat) <= max_length:
       lo, best = mid, chat
     else:

@@ -180,6 +180,20 @@ def noisy_copies(key: jax.Array, image: jax.Array, levels, *, quantize: str = "w
   return noisy[:, :size].reshape((noisy.shape[0],) + image.shape)
 
 
+def noisy_copies_of_images(key: jax.Array, images: Sequence[jax.Array], levels, *, quantize: str = "wrap"
+                           ) -> list[jax.Array]:
+  """G noisy copies of each of several images (shapes may differ): copy g of every image at `levels[g]`, image k
+  noised with its own key (`noisy_copies`), so the images' noise is independent. The first image's key is `key`
+  itself, so a one-image example draws exactly the noise `noisy_copies(key, ...)` draws; image k > 0 uses
+  `jax.random.fold_in(key, k)`.
+
+  Returns:
+    per image, [G, *S_k] uint8 ("wrap", "clamp") or float32 ("none").
+  """
+  keys = [key] + [jax.random.fold_in(key, k) for k in range(1, len(images))]
+  return [noisy_copies(k, image, levels, quantize=quantize) for k, image in zip(keys, images)]
+
+
 def flat_length_bucket(size: int) -> int:
   """`size` rounded up to a multiple of its leading power of two / 8: at most 8 lengths per octave, < 12.5% padding
   (a 1536 x 1536 x 3 image: 7,077,888 -> 7,340,032)."""

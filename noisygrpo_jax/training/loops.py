@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from noisygrpo_jax import atomic_io
+from noisygrpo_jax.data import records
 from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.rl import logprobs as logprobs_lib
@@ -464,11 +465,14 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
 def sft_batch(config, tokenizer, examples, model_config) -> train_step.TokenBatch:
   """Teacher-forced batch: the RL prompt, and the example's reference chain of thought as the target."""
   image_cfg = setup.image_config(config, model_config.vision)
-  images = [image_lib.process_image(ex["image"], image_cfg) for ex in examples]
-  chats = [chat_template.encode_chat(tokenizer, chat_template.vqa_messages(chat_template.cot_question(ex["problem"]),
-                                                                            answer=ex["cot"]),
-                                     im.image_grid_thw, source=f"example {ex.get('id', i)}")
-           for i, (ex, im) in enumerate(zip(examples, images))]
+  sources = [f"example {ex.get('id', i)}" for i, ex in enumerate(examples)]
+  images = [image_lib.process_images(records.example_images(ex), image_cfg, source)
+            for ex, source in zip(examples, sources)]
+  messages = [chat_template.vqa_messages(chat_template.cot_question(ex["problem"]), len(im.image_grid_thw),
+                                         answer=ex["cot"], source=source)
+              for ex, im, source in zip(examples, images, sources)]
+  chats = [chat_template.encode_chat(tokenizer, m, im.image_grid_thw, source=source)
+           for m, im, source in zip(messages, images, sources)]
   prompt_chats, tokens, mask = collate.split_targets(chats, pad_id=tokenizer.pad_id,
                                                      completion_buckets=(config.rl.max_new_tokens,))
   prompts = collate.collate_prompts(prompt_chats, images, model_config, pad_id=tokenizer.pad_id,

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from noisygrpo_jax.data import records
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.processing.errors import PromptTooLongError
@@ -69,14 +70,18 @@ def noise_levels(cfg: RolloutConfig, key, num_prompts: int, step: int, total_ste
                                                         anneal=cfg.noise_anneal)) for k in keys])
 
 
-def rollout_images(cfg: RolloutConfig, key, examples: Sequence[dict], levels: np.ndarray) -> list[list[np.ndarray]]:
-  """Per example, its G rollout images (uint8 [H, W, 3]); noise is applied at native resolution, before the
+def rollout_images(cfg: RolloutConfig, key, examples: Sequence[dict], levels: np.ndarray
+                   ) -> list[list[list[np.ndarray]]]:
+  """Per example, per rollout g, the example's images (uint8 [H, W, 3] each) at noise level levels[p, g], each image
+  with its own noise (`noise_lib.noisy_copies_of_images`). Noise is applied at native resolution, before the
   processor's resize (spec section 1.1)."""
+  images = [[np.asarray(im) for im in records.example_images(ex)] for ex in examples]
   if not cfg.noise_enabled:
-    return [[np.asarray(ex["image"])] * cfg.group_size for ex in examples]
+    return [[ims] * cfg.group_size for ims in images]
   keys = jax.random.split(key, len(examples))
-  return [list(np.asarray(noise_lib.noisy_copies(k, np.asarray(ex["image"]), lv, quantize=cfg.noise_quantize)))
-          for k, ex, lv in zip(keys, examples, levels)]
+  noisy = [noise_lib.noisy_copies_of_images(k, ims, lv, quantize=cfg.noise_quantize)
+           for k, ims, lv in zip(keys, images, levels)]
+  return [[list(rollout) for rollout in zip(*map(np.asarray, copies))] for copies in noisy]
 
 
 def prompt_budget(cfg: RolloutConfig) -> int | None:
@@ -94,13 +99,13 @@ def encode_prompts(tokenizer: Tokenizer, cfg: RolloutConfig, examples: Sequence[
     return chat_template.encode_vqa_prompts(tokenizer, examples, grids, budget, truncate=cfg.truncate_prompts)
   except PromptTooLongError as e:
     fix = ("Raise data.max_prompt_tokens (and data.prompt_buckets, whose largest bucket also caps prompts), "
-           "lower data.max_pixels so the image yields fewer tokens")
+           "lower data.max_pixels so the images yield fewer tokens")
     fix += "" if cfg.truncate_prompts else ", or set data.truncate_prompts=True to cut over-long questions to fit"
     raise PromptTooLongError(e.source, e.problem, fix) from e
 
 
 def collate_rollout_prompts(cfg: RolloutConfig, model_config, pad_id: int, rows, sources) -> collate.PromptBatch:
-  """(chat, images) rows -> PromptBatch; an image over the largest patch bucket names its example and the fix."""
+  """(chat, images) rows -> PromptBatch; a row's images over the largest patch bucket name its example and the fix."""
   try:
     return collate.collate_prompts([c for c, _ in rows], [im for _, im in rows], model_config, pad_id=pad_id,
                                    prompt_buckets=cfg.prompt_buckets, patch_buckets=cfg.patch_buckets,
@@ -131,11 +136,12 @@ def prepare_rollouts(tokenizer: Tokenizer, cfg: RolloutConfig, model_config, exa
   level_key, noise_key, sample_key = jax.random.split(key, 3)
   levels = noise_levels(cfg, level_key, p, step, total_steps)
   images = rollout_images(cfg, noise_key, examples, levels)
-  processed = [[image_lib.process_image(im, cfg.image) for im in group] for group in images]
+  sources = [f"example {ex.get('id', i)}" for i, ex in enumerate(examples)]
+  processed = [[image_lib.process_images(ims, cfg.image, source) for ims in group]
+               for group, source in zip(images, sources)]
   chats = encode_prompts(tokenizer, cfg, examples, [group[0].image_grid_thw for group in processed])
   rows = [(chat, im) for chat, group in zip(chats, processed) for im in group]
-  sources = [f"example {ex.get('id', i)}" for i, ex in enumerate(examples) for _ in range(g)]
-  prompts = collate_rollout_prompts(cfg, model_config, tokenizer.pad_id, rows, sources)
+  prompts = collate_rollout_prompts(cfg, model_config, tokenizer.pad_id, rows, [s for s in sources for _ in range(g)])
   return PreparedPrompts(examples, levels, chats, prompts, sample_key, time.perf_counter() - start)
 
 

@@ -7,10 +7,11 @@ import os
 import shutil
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from noisygrpo_jax.data.loading import load_split, prepare_builder
-from noisygrpo_jax.data.records import DataError, iter_json_list, read_jsonl_vqa
+from noisygrpo_jax.data.records import DataError, example_images, iter_json_list, read_jsonl_vqa
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 VQA = os.path.join(FIXTURES, "vqa.jsonl")
@@ -58,6 +59,14 @@ BAD_ROWS = {
     "not_an_object": ('["images/red.png", "q", "a"]', "expected a JSON object"),
     "missing_image": ('{"image": "images/nope.png", "problem": "q", "solution": "a"}', "does not exist"),
     "corrupt_image": ('{"image": "images/corrupt.png", "problem": "q", "solution": "a"}', "not a readable image"),
+    "both_image_keys": ('{"image": "images/red.png", "images": ["images/blue.png"], "problem": "q", "solution": "a"}',
+                        "the row has both 'image' and 'images'"),
+    "marker_count": ('{"image": ["images/red.png", "images/blue.png"], "problem": "<image> q", "solution": "a"}',
+                     "the problem has 1 <image> marker(s) for 2 image(s). Put one <image> marker"),
+    "empty_image_list": ('{"images": [], "problem": "q", "solution": "a"}',
+                         "field 'images' must be a path or a non-empty list of paths"),
+    "missing_second_image": ('{"images": ["images/red.png", "images/nope.png"], "problem": "q", "solution": "a"}',
+                             "does not exist"),
 }
 
 
@@ -81,10 +90,11 @@ def test_skip_flag_counts_and_logs_bad_rows(workdir, caplog):
   _append(path, json.dumps({"image": "images/blue.png", "problem": "q", "solution": "blue"}))
   with caplog.at_level(logging.WARNING, logger="noisygrpo_jax.data.records"):
     examples, skipped = read_jsonl_vqa(path, skip_bad_rows=True)
+  last = 3 + len(BAD_ROWS) + 1  # the fixture's rows, the bad rows, the good one
   assert skipped == len(BAD_ROWS)
-  assert [e["id"] for e in examples] == ["v1", "vqa-2", "3", "vqa-10"]
-  assert f"skipped {len(BAD_ROWS)} of 10 rows" in caplog.text
-  assert "line 4" in caplog.text and "line 9" in caplog.text
+  assert [e["id"] for e in examples] == ["v1", "vqa-2", "3", f"vqa-{last}"]
+  assert f"skipped {len(BAD_ROWS)} of {last} rows" in caplog.text
+  assert "line 4" in caplog.text and f"line {last - 1}" in caplog.text
 
 
 def test_image_root_option(workdir):
@@ -130,3 +140,41 @@ def test_builder_reads_back_and_counts_skips(workdir, tmp_path_factory):
     assert {k: got[k] for k in ("id", "problem", "solution")} == {k: want[k] for k in ("id", "problem", "solution")}
   builder = prepare_builder("local_vqa", data_dir, files=os.fspath(path), skip_bad_rows=True)
   assert builder.info.metadata["skipped_rows"] == {"train": 2}
+
+
+def _several_image_rows(workdir):
+  """A JSONL of rows with two images of different sizes (as "image": [...] and as "images": [...]) and a one-element
+  list; the new image is 20 x 8 of level 7."""
+  PIL.Image.fromarray(np.full((20, 8, 3), 7, np.uint8)).save(workdir / "images" / "tall.png")
+  rows = [{"id": "list", "image": ["images/red.png", "images/tall.png"], "problem": "Is <image> wider than <image>?",
+           "solution": "Yes"},
+          {"id": "key", "images": ["images/tall.png", "images/blue.png"], "problem": "Same colour?", "solution": "No"},
+          {"id": "one", "image": ["images/red.png"], "problem": "What colour?", "solution": "red"}]
+  path = workdir / "several.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return path
+
+
+def test_rows_with_several_images(workdir):
+  examples, _ = read_jsonl_vqa(_several_image_rows(workdir))
+  assert [sorted(e) for e in examples] == [["id", "images", "problem", "solution"]] * 2 + [
+      ["id", "image", "problem", "solution"]]
+  assert [[im.shape for im in example_images(e)] for e in examples] == [
+      [(12, 16, 3), (20, 8, 3)], [(20, 8, 3), (12, 16, 3)], [(12, 16, 3)]]
+  red, tall = examples[0]["images"]
+  assert np.all(red == (255, 0, 0)) and np.all(tall == 7) and np.all(examples[1]["images"][1] == (0, 0, 255))
+  assert examples[0]["problem"] == "Is <image> wider than <image>?"
+
+
+def test_builder_reads_back_several_images(workdir, tmp_path_factory):
+  path = _several_image_rows(workdir)
+  split = load_split("local_vqa", "train", tmp_path_factory.mktemp("tfds"), files=os.fspath(path))
+  expected, _ = read_jsonl_vqa(path)
+  assert len(split) == len(expected) == 3
+  for got, want in zip(split, expected):
+    assert sorted(got) == sorted(want)
+    assert {k: got[k] for k in ("id", "problem", "solution")} == {k: want[k] for k in ("id", "problem", "solution")}
+    assert len(example_images(got)) == len(example_images(want))
+    for a, b in zip(example_images(got), example_images(want)):
+      assert a.dtype == np.uint8
+      np.testing.assert_array_equal(a, b)

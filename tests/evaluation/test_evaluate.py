@@ -131,3 +131,20 @@ def test_answer_builds_its_prompts_with_the_given_encoder(setting):
   got = evaluate.answer(model, tokenizer, examples, params, IMAGE_CONFIG, batch_size=4, encode_prompts=encode)
   assert calls == [(4, 4), (4, 4)]  # every batch, the last one padded to the batch size
   assert got == _answer(setting, rewritten)
+
+
+def test_two_image_examples_are_answered_and_shown_the_next_examples_images(setting, monkeypatch):
+  """A two-image example goes through evaluation's processing and prompts; for image_reliance it is shown the next
+  example's one image in both places (so its two <image> markers still match), and the next example its first."""
+  tokenizer, model, params = setting
+  rng = np.random.default_rng(0)
+  pixels = lambda: rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+  two = {"id": "two", "images": [pixels(), pixels()], "problem": "What colour is <image> ? <image>", "solution": "red"}
+  one, = _examples([pixels()])
+  assert len(_answer(setting, [two, one])) == 2
+  shown = []
+  monkeypatch.setattr(evaluate, "answer", lambda m, t, examples, *a, **k: shown.extend(examples) or ["x"] * 2)
+  evaluate.image_reliance(model, tokenizer, [two, one], params, IMAGE_CONFIG, ["x", "x"])
+  assert sorted(shown[0]) == sorted(two) and sorted(shown[1]) == sorted(one)
+  assert all(im is one["image"] for im in shown[0]["images"]) and len(shown[0]["images"]) == 2
+  assert shown[1]["image"] is two["images"][0] and shown[0]["problem"] == two["problem"]
