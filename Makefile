@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup setup-mpnet test test-reliability test-all train sft compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-host bench-compile bench-gpu clean
+.PHONY: setup setup-mpnet test test-reliability test-all train sft export compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-host bench-compile bench-gpu clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,14 @@ endif
 
 sft: $(STAMP)
 	$(PY) experiments/sft.py --config=$(or $(CONFIG),configs/sft.py:tiny) $(ARGS)
+
+# A run's checkpoint as a HF Qwen2.5-VL directory that transformers loads and generates from (newest step, the
+# checkpoint's dtype), e.g. make export RUN=workdir/default/noisygrpo_seed42 OUT=exported ARGS=--dtype=bfloat16
+RUN ?=
+OUT ?=
+export: $(STAMP)
+	$(if $(and $(RUN),$(OUT)),,$(error make export needs RUN=<a run's train.workdir> OUT=<directory to write>))
+	$(PY) experiments/export.py --workdir=$(RUN) --out=$(OUT) $(ARGS)
 
 # GRPO vs NoisyGRPO vs noise without the Bayesian advantage, 3 seeds each, from one warm start.
 compare: $(STAMP)

@@ -97,6 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 1  # steps between metric writes
   c.train.eval_every = 100  # steps between evaluations (0 = never)
   c.train.eval_splits = ("test",)  # splits evaluated during and after training
+  c.train.eval_samples = 4  # answers per evaluated split (and RL rollouts) written to samples.jsonl + TensorBoard
   c.train.checkpoint_every = 100  # steps between checkpoints
   c.train.keep_checkpoints = 3  # checkpoints kept on disk
   c.train.max_consecutive_skips = 5  # stop with an error after this many updates skipped for non-finite values

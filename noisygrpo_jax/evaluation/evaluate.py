@@ -68,12 +68,19 @@ def _with_images_of(example: dict, other: dict) -> dict:
 
 def evaluate_split(model, tokenizer, examples, params, image_config, *, check_images: bool = False,
                    **kwargs) -> dict[str, float]:
-  """Flat metrics of one split (`metrics_lib.summarize`): accuracy, format rate, `accuracy/<answer type>` for
-  each answer type when the examples carry one, `yes_no_<metric>` when the split has yes/no questions,
-  `description_match` and `accuracy_given_description` (overall and `/<answer type>`) when every example
-  carries a reference chain of thought ("cot"), and with `check_images` its `image_reliance` (answers a second
-  time with exchanged images)."""
+  """`split_metrics` of the split's `answer`s."""
   completions = answer(model, tokenizer, examples, params, image_config, **kwargs)
+  return split_metrics(model, tokenizer, examples, params, image_config, completions, check_images=check_images,
+                       **kwargs)
+
+
+def split_metrics(model, tokenizer, examples, params, image_config, completions: Sequence[str], *,
+                  check_images: bool = False, **kwargs) -> dict[str, float]:
+  """Flat metrics of one split's completions (`metrics_lib.summarize`): accuracy, format rate,
+  `accuracy/<answer type>` for each answer type when the examples carry one, `yes_no_<metric>` when the split has
+  yes/no questions, `description_match` and `accuracy_given_description` (overall and `/<answer type>`) when every
+  example carries a reference chain of thought ("cot"), and with `check_images` its `image_reliance` (answers a
+  second time with exchanged images; `kwargs` go to `answer`)."""
   types = [ex.get("answer_type", "") for ex in examples]
   cots = [ex["cot"] for ex in examples] if all(ex.get("cot") for ex in examples) else None
   summary = metrics_lib.summarize(completions, [ex["solution"] for ex in examples], types, reference_cots=cots)

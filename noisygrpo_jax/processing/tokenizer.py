@@ -167,7 +167,10 @@ class Tokenizer:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     atomic_io.write_text_atomically(os.path.join(directory, "tokenizer.json"), self.backend.to_str())
-    config = {"tokenizer_class": "Qwen2Tokenizer", "eos_token": self.eos_token, "pad_token": self.pad_token,
+    # transformers rebuilds Qwen2Tokenizer's byte-level BPE around the vocabulary it reads; a word-level tokenizer.json
+    # loads as written only as the generic tokenizers-backed class.
+    tokenizer_class = "PreTrainedTokenizerFast" if self.kind == "word" else "Qwen2Tokenizer"
+    config = {"tokenizer_class": tokenizer_class, "eos_token": self.eos_token, "pad_token": self.pad_token,
               "unk_token": UNK_TOKEN if self.kind == "word" else None, "bos_token": None,
               "noisygrpo_kind": self.kind}
     atomic_io.write_text_atomically(os.path.join(directory, "tokenizer_config.json"),

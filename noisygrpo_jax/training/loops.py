@@ -31,7 +31,7 @@ from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.rl import logprobs as logprobs_lib
 from noisygrpo_jax.training import batches, checkpointing, params as params_lib, rollouts, setup, train_step
-from noisygrpo_jax.training import throughput, vision_pretrain
+from noisygrpo_jax.training import samples as samples_lib, throughput, vision_pretrain
 from noisygrpo_jax.training.metrics import MetricsWriter
 
 
@@ -95,6 +95,12 @@ def count_skips(consecutive: int, skipped: bool, limit: int, step: int) -> int:
   return consecutive
 
 
+def other_run_checkpoints(workdir: str) -> checkpointing.Checkpointer:
+  """The checkpoints of the run in `workdir`, opened to read: synchronous, and leaving the temporary directories of
+  a save in flight alone (that run may still be writing)."""
+  return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, cleanup=False)
+
+
 def _abstract(state, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=s),
                       state, shardings)
@@ -156,7 +162,7 @@ class Run:
   def _params_from(self, directory: str, step: int | None = None) -> tuple[dict, dict]:
     """(trainable, frozen) parameters of checkpoint `step` (default: the newest) of another run of ours (e.g. the
     SFT warm start), split as this run splits them."""
-    source = checkpointing.Checkpointer(os.path.join(directory, "checkpoints"), async_save=False, cleanup=False)
+    source = other_run_checkpoints(directory)
     latest = source.latest_step()
     if latest is None:
       raise FileNotFoundError(f"train.init_from={directory!r} has no checkpoints/ with a complete step; run the "
@@ -267,19 +273,33 @@ class Run:
 
   def evaluate(self, splits) -> dict[str, float]:
     """Greedy metrics per split; the first split also reports `image_reliance` (does the model look?)."""
-    results = {}
+    return self.evaluate_with_samples(splits, count=0)[0]
+
+  def evaluate_with_samples(self, splits, count: int) -> tuple[dict[str, float], list[dict]]:
+    """`evaluate(splits)`, and the `samples_lib.records` of each split's first `count` examples and their greedy
+    answers (those the metrics were computed from)."""
+    results, samples = {}, []
     params = setup.sampling_params(self.config, self.tokenizer, greedy=True)
     model = self.model()
     image_cfg = setup.image_config(self.config, model.config.vision)
+    batching = dict(batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
+                    prompt_buckets=tuple(self.config.data.prompt_buckets),
+                    patch_buckets=tuple(self.config.data.patch_buckets))
     for split in splits:
       examples = setup.load_split(self.config, split)
-      metrics = evaluate.evaluate_split(model, self.tokenizer, examples, params, image_cfg,
-                                        batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
-                                        prompt_buckets=tuple(self.config.data.prompt_buckets),
-                                        patch_buckets=tuple(self.config.data.patch_buckets),
-                                        check_images=split == splits[0])
+      completions = evaluate.answer(model, self.tokenizer, examples, params, image_cfg, **batching)
+      metrics = evaluate.split_metrics(model, self.tokenizer, examples, params, image_cfg, completions,
+                                       check_images=split == splits[0], **batching)
       results.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
-    return results
+      if count:
+        samples += samples_lib.records(split, examples[:count], completions[:count], self.reward_functions)
+    return results, samples
+
+  @functools.cached_property
+  def reward_functions(self) -> dict:
+    """The run's reward functions (rl.rewards), which score the written samples as they score the rollouts."""
+    vision = setup.model_config(self.config, self.tokenizer).vision
+    return setup.rollout_config(self.config, self.tokenizer, vision).reward_functions
 
   def evaluate_start(self, splits) -> dict[str, float]:
     """`evaluate(splits)` of a fresh run's step-0 model.
@@ -307,15 +327,20 @@ class Run:
       atomic_io.write_text_atomically(path, json.dumps({"settings": settings, "metrics": results}, indent=2))
     return results
 
-  def finish_step(self, metrics: dict[str, float], end: int, bar: tqdm.tqdm, postfix: dict[str, str]) -> None:
-    """Counts the step, then logs, evaluates and checkpoints on their schedules."""
+  def finish_step(self, metrics: dict[str, float], end: int, bar: tqdm.tqdm, postfix: dict[str, str],
+                  rollout: tuple[rollouts.PreparedPrompts, rollouts.Rollouts] | None = None) -> None:
+    """Counts the step, then logs, evaluates and checkpoints on their schedules. An evaluation also writes
+    train.eval_samples answers per split and, of an RL step, as many of its `rollout`s (training.samples)."""
     c = self.config.train
     self.step += 1
     if self.step % c.log_every == 0 or self.step == end:
       self.writer.write(self.step, metrics)
     if c.eval_every and (self.step % c.eval_every == 0 or self.step == c.steps):
-      evaluation = self.evaluate(c.eval_splits)
+      evaluation, samples = self.evaluate_with_samples(c.eval_splits, c.eval_samples)
+      if rollout is not None and c.eval_samples:
+        samples += samples_lib.rollout_records(*rollout, self.reward_functions, c.eval_samples)
       self.writer.write(self.step, evaluation)
+      samples_lib.write(self.writer, self.step, samples)
       metrics.update(evaluation)
     if self.step % c.checkpoint_every == 0 or self.step == end:
       self.save()
@@ -428,6 +453,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
         inputs.prefetch(run.step + 1, run.data_position)
       r = rollouts.sample_rollouts(run.model(), run.tokenizer, rollout_cfg, prepared, host_seconds=waited,
                                    place=run.place_prompts)
+      sampled = (prepared, r)  # the step's own prompts' rollouts, some of which an evaluation step writes
       if c.rl.filter_groups == "refill":
         r = refill_groups(run, rollout_cfg, model_config, r)
       t0 = time.perf_counter()
@@ -456,7 +482,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
                      tok_s_dev=f"{last['throughput/tokens_per_s_per_device']:.0f}")
       if math.isfinite(last["throughput/mfu"]):  # known where the device's peak is (not on CPU)
         postfix["mfu"] = f"{last['throughput/mfu']:.1%}"
-      run.finish_step(last, end, bar, postfix)
+      run.finish_step(last, end, bar, postfix, rollout=sampled)
   finally:
     inputs.close()
   return run.close(last, bar)

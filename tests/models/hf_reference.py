@@ -10,6 +10,7 @@ from flax import nnx
 
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg
 from noisygrpo_jax.models.qwen2_5_vl import param_names
+from noisygrpo_jax.processing import chat_template
 
 
 def hf_model(config: cfg.Qwen25VLConfig, seed: int = 0) -> transformers.Qwen2_5_VLForConditionalGeneration:
@@ -83,18 +84,6 @@ def pixels(rng: np.random.Generator, grids, config) -> np.ndarray:
   return rng.standard_normal((n, config.vision.patch_dim)).astype(np.float32)
 
 
-# The template of Qwen2.5-VL-*-Instruct's chat_template.json, rendered the way transformers renders chat
-# templates (sandboxed Jinja with trim_blocks and lstrip_blocks).
-QWEN2_5_VL_JINJA = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# The released Jinja template (tests render it the way transformers renders chat templates: sandboxed Jinja with
+# trim_blocks and lstrip_blocks).
+QWEN2_5_VL_JINJA = chat_template.QWEN2_5_VL_JINJA
