@@ -3,6 +3,11 @@
 Usage: python experiments/train.py --config=configs/noisygrpo.py:tiny --config.rl.noise.levels='(0.,.3,.6,.9)'
 Presets: tiny (CPU, synthetic shapes VQA, word-level tokenizer), qwen2_5_vl_3b, qwen2_5_vl_7b (the released
 scripts' hyperparameters, spec section 3; point model.checkpoint at a local HF directory).
+
+On one 80 GB GPU the memory estimate (experiments/bench/bench_memory.py --presets) of the real presets' full
+fine-tuning is 79.3 GiB for 3B (8 train micro-batches) and 183 GiB for 7B (refused). With LoRA
+(--config.lora.rank=64 --config.lora.alpha=128: adapters, their gradients and moments instead of the decoder's;
+the base held once in bf16; no reference copy) it is 50.7 GiB for 3B and 73.5 GiB for 7B (1 micro-batch each).
 """
 
 import ml_collections
@@ -20,6 +25,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = False  # rematerialise decoder layers and vision blocks in the backward pass
   c.model.scan_layers = True  # decoder layers / vision blocks as one lax.scan each (compile once); False: unrolled
   c.model.vocab_size = 512  # tiny/small presets: vocabulary of the word-level tokenizer
+
+  # Low-rank adapters on the decoder (models/qwen2_5_vl/lora.py): only they train, the vision tower stays frozen
+  # (optim.freeze_vision=True), the KL reference is the base model, and export merges them (checkpoint.save_hf).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # 0 = off (full fine-tuning); r > 0: adapters lora_a [in, r] (random), lora_b [r, out] (zero)
+  c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # adapted layers
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.kind = "word"  # word (synthetic tasks) | qwen (the real Qwen2.5 BPE) | checkpoint (model.checkpoint)

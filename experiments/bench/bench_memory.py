@@ -8,8 +8,12 @@ frozen bf16 vision tower, remat), lowered and compiled on CPU with abstract inpu
 - the rollouts' prefill + decode loop (`sampler.prefill`, `sampler.decode` on the bf16 rollout copy).
 XLA's figure for a program is its arguments + outputs + temporaries - aliased bytes (`memory_analysis()`); prefill
 and decode are one phase (the decode loop takes over the prefill's cache): the larger of the two programs' figures.
+One case trains LoRA adapters (lora.rank 64 on every decoder projection) instead of the decoder and LM head.
 
-Usage: python experiments/bench/bench_memory.py [--markdown BENCHMARKS.md] [--smoke]
+`--presets` prints, instead, the estimate alone for the real presets (configs/noisygrpo.py qwen2_5_vl_3b and
+qwen2_5_vl_7b) on one 80 GB GPU (79.6 GiB), full fine-tuning against LoRA (`PRESET_LORA`): nothing is compiled.
+
+Usage: python experiments/bench/bench_memory.py [--markdown BENCHMARKS.md] [--smoke] [--presets]
 """
 
 from __future__ import annotations
@@ -55,20 +59,26 @@ class Case:
   new_tokens: int
   micro_batches: int
   layers: int  # decoder layers of the slice
+  lora_rank: int = 0  # LoRA adapters of this rank on every decoder projection train instead (0: full fine-tuning)
 
 
 CASES = {
     "2 layers, 2 prompts x 4": Case(2, 4, (96, 97), (1, 32, 32), 128, 1, 2),
     "4 layers, 4 prompts x 4, 2 micro-batches": Case(4, 4, (96, 97), (1, 32, 32), 128, 2, 4),
     "2 layers, 1 prompt x 4, 4096 patches (query-chunked prompt)": Case(1, 4, (96, 97), (1, 64, 64), 128, 1, 2),
+    "2 layers, 2 prompts x 4, LoRA rank 64": Case(2, 4, (96, 97), (1, 32, 32), 128, 1, 2, lora_rank=64),
 }
+PRESET_LORA = dict(rank=64, alpha=128.0)  # the LoRA rows of --presets: rank 64 on every decoder projection
+H100_GIB = 79.6  # an 80 GB GPU's memory as JAX reports it (81,559 MiB)
 
 
-def model_config(smoke: bool, layers: int):
-  """The 3B width with `layers` decoder layers and 4 vision blocks (the last full-attention), or the tiny model."""
+def model_config(smoke: bool, layers: int, lora_rank: int = 0):
+  """The 3B width with `layers` decoder layers and 4 vision blocks (the last full-attention), or the tiny model;
+  with LoRA adapters of `lora_rank` (alpha 2 x rank) on every decoder projection when it is > 0."""
+  lora = cfg.LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank)
   if smoke:
-    return cfg.tiny(dtype="float32", remat=True)
-  base = cfg.qwen2_5_vl_3b(dtype="float32", remat=True)
+    return cfg.tiny(dtype="float32", remat=True, lora=lora)
+  base = cfg.qwen2_5_vl_3b(dtype="float32", remat=True, lora=lora)
   return base.replace(text=dataclasses.replace(base.text, num_hidden_layers=layers),
                       vision=dataclasses.replace(base.vision, depth=4, fullatt_block_indexes=(3,)))
 
@@ -92,7 +102,8 @@ def lowered_programs(config, case: Case, compute: str) -> tuple[dict, int]:
   """
   rows = case.prompts * case.group_size
   graphdef, model_state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(0))))
-  trainable, frozen = params_lib.partition(nnx.to_pure_dict(model_state), freeze_vision=True)
+  trainable, frozen = params_lib.partition(nnx.to_pure_dict(model_state), freeze_vision=True,
+                                           adapters_only=config.lora.rank > 0)
   as_dtype = lambda tree, dtype: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)
   compute_dtype = jnp.dtype(compute or "float32")
   frozen, copy = as_dtype(frozen, compute_dtype), as_dtype(trainable, compute_dtype)
@@ -159,16 +170,49 @@ def table(results: list[tuple[str, str, object, dict]]) -> list[str]:
   return lines
 
 
+def preset_lines() -> list[str]:
+  """The estimate of the real presets' runs on one 80 GB GPU, full fine-tuning and LoRA (`PRESET_LORA`), as a
+  markdown table: micro-batch counts chosen as a run chooses them (setup.check_memory)."""
+  sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "configs"))
+  import noisygrpo  # pylint: disable=import-outside-toplevel
+  from noisygrpo_jax.training import setup  # pylint: disable=import-outside-toplevel
+  mesh, limit = {"data": 1, "fsdp": 1, "tensor": 1}, int(H100_GIB * GIB)
+  lines = ["| model | training | peak estimate (GiB) | persistent (GiB) | train / prefill micro-batches | "
+           "trainable parameters | largest terms (GiB) |", "|---|---|---|---|---|---|---|"]
+  for preset in ("qwen2_5_vl_3b", "qwen2_5_vl_7b"):
+    for lora in ({}, PRESET_LORA):
+      config = noisygrpo.get_config(preset)
+      for field, value in lora.items():
+        setattr(config.lora, field, value)
+      model_cfg = setup.model_config(config, tokenizer=None)
+      run = setup.run_shape(config, model_cfg.vision)
+      micro, prefill = memory.fewest_parts(model_cfg, run, mesh, limit)
+      est = memory.estimate(model_cfg, dataclasses.replace(run, micro_batches=micro, prefill_micro_batches=prefill),
+                            mesh)
+      counts = memory.parameter_counts(model_cfg)
+      trainable = counts["adapters"] if lora else counts["text"]
+      fits = "fits" if est.peak <= limit else "refused"
+      largest = ", ".join(f"{label} {n / GIB:.1f}" for label, n in sorted(est.rows(), key=lambda r: -r[1])[:3])
+      training = f"LoRA rank {lora['rank']}" if lora else "full (decoder + LM head)"
+      lines.append(f"| {preset} | {training} | {est.peak / GIB:.1f} ({fits}) | {est.persistent / GIB:.1f} | "
+                   f"{micro} / {prefill} | {trainable / 1e6:.0f}M | {largest} |")
+  return lines
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--markdown", default="", help="write the section into this file (e.g. BENCHMARKS.md)")
   parser.add_argument("--smoke", action="store_true", help="the tiny model: checks the script on CPU in seconds")
+  parser.add_argument("--presets", action="store_true", help="only the real presets' estimates, full vs LoRA")
   args = parser.parse_args()
+  if args.presets:
+    print("\n".join(preset_lines()))
+    return
   results = []
   for name, case in CASES.items():
     if args.smoke:
       case = dataclasses.replace(case, grid=(1, 8, 8), text_len=(4, 8), new_tokens=8)
-    config = model_config(args.smoke, case.layers)
+    config = model_config(args.smoke, case.layers, case.lora_rank)
     for policy, compute in POLICIES.items():
       results.append((name, policy, config, measure(config, case, compute)))
   t, v = results[0][2].text, results[0][2].vision

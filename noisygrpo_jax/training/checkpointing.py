@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from noisygrpo_jax.training import params as params_lib
+
 RESTORE_FIX = ("restore into the model configuration the checkpoint was written with, or point the run at "
                "a checkpoint of this model")
 
@@ -189,23 +191,23 @@ class Checkpointer:
   def restore_params(self, step: int, abstract_params: dict, fix: str = RESTORE_FIX) -> dict:
     """The full parameter tree of checkpoint `step`, into `abstract_params`' shapes, dtypes and shardings.
 
-    The run that wrote it kept each top-level group (`visual`, `language_model`, ...) in its state's trainable
-    `params` or in its `frozen` parameters (train_step.TrainState); both are read, wherever each group is. A warm
-    start's optimizer state need not fit: it may have trained other parts (e.g. an unfrozen vision tower).
+    The run that wrote it kept each parameter in its state's trainable `params` or in its `frozen` parameters
+    (train_step.TrainState: e.g. the frozen vision tower, or with LoRA every base weight beside trainable adapters);
+    both are read, wherever each parameter is. A warm start's optimizer state need not fit: it may have trained other
+    parts (e.g. an unfrozen vision tower).
     """
     items = self.manager.metadata(step).item_metadata
     stored = _shapes(items["state"]) if items is not None and items.get("state") is not None else {}
-    target: dict[str, dict] = {}
-    for group, abstract in abstract_params.items():
-      field = "frozen" if any(path.startswith(f"frozen/{group}/") for path in stored) else "params"
-      target.setdefault(field, {})[group] = abstract
+    frozen_paths = {path.split("/", 1)[1] for path in stored if path.startswith("frozen/")}
+    frozen, trainable = params_lib.split(abstract_params, lambda path: "/".join(map(str, path)) in frozen_paths)
+    target = {field: tree for field, tree in (("params", trainable), ("frozen", frozen)) if tree}
     for field, abstract in target.items():
       self.check_fits(step, abstract, fix, only=field)
     restored = ocp.PyTreeCheckpointer().restore(
         os.path.join(self.directory, str(step), "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                     partial_restore=True))
-    return {group: tree for field in target for group, tree in restored[field].items()}
+    return params_lib.combine(restored.get("params", {}), restored.get("frozen", {}))
 
   def close(self) -> None:
     self.wait()

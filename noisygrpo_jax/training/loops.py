@@ -138,7 +138,8 @@ class Run:
       if latest is None:
         self.state = self.state.replace(params=initial_params, frozen=frozen)
     # The reference model: a compute-dtype copy of the initial trainable parameters (the state is donated to each
-    # update, so it must not share their buffers), and the state's frozen ones (training.params).
+    # update, so it must not share their buffers), and the state's frozen ones (training.params). With LoRA the
+    # copy is of the initial adapters, whose zero lora_b makes the reference the base model itself.
     self.reference_params = (params_lib.copy_as(initial_params, config.model.compute_dtype) if needs_reference
                              else None)
     self._rollout_params = None  # the rollout copy of the current policy, made on first use after each update
@@ -201,7 +202,8 @@ class Run:
     return place_batch(prompts, train_step.batch_shardings(prompts, self.mesh))
 
   def reference(self) -> dict:
-    """The KL reference model's parameters: the initial trainable ones (compute dtype) and the shared frozen ones."""
+    """The KL reference model's parameters: the initial trainable ones (compute dtype) and the shared frozen ones
+    (with LoRA: the initial, zero-output adapters and the shared base weights)."""
     return params_lib.combine(self.reference_params, self.state.frozen)
 
   def reference_logps(self, batch: train_step.TokenBatch, batch_sh: train_step.TokenBatch) -> jax.Array:

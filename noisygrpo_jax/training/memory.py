@@ -2,7 +2,10 @@
 
 It counts what the run keeps under its dtype policy (training.params): bytes per device, B rollouts per step, T the
 longest prompt bucket, N = rl.max_new_tokens, P patches of one row's image; "trainable" is the decoder and LM head
-(and the vision tower unless optim.freeze_vision), "frozen" the rest.
+(and the vision tower unless optim.freeze_vision), "frozen" the rest. With LoRA (config.lora.rank > 0) "trainable" is
+the decoder's adapters only and "frozen" the whole base model: the master weights, moments, gradients, compute and
+rollout copies and the reference's copy are the adapters' (small), the base is held once in the compute dtype, and
+the activations are those of full fine-tuning with a frozen vision tower (the backward still crosses every layer).
 
   Held for the whole run (persistent):
   master               trainable parameters in model.dtype, over fsdp x tensor devices
@@ -23,7 +26,8 @@ longest prompt bucket, N = rl.max_new_tokens, P patches of one row's image; "tra
   compute copy         policy update: the trainable parameters cast to the compute dtype inside the step
   update transients    policy update: 4 buffers the size of the largest trainable leaf in model.dtype, the token
                        embedding (its gradient's parts: the lookup's scatter and, tied, the LM head's transposed
-                       product; AdamW's intermediates), as XLA's buffer assignment of the 3B-width step shows
+                       product; AdamW's intermediates), as XLA's buffer assignment of the 3B-width step shows; with
+                       LoRA the largest adapter
   train activations    policy update, AN ESTIMATE for one micro-batch (`train_activation_bytes`)
 
   peak = persistent + max(rollouts, reference log-probs, policy update)
@@ -147,8 +151,25 @@ class MemoryEstimate:
 # Parameters
 
 
+def projection_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, int]]:
+  """(in, out) of each decoder projection that LoRA may adapt (config.LORA_TARGETS)."""
+  t = config.text
+  h, i = t.hidden_size, t.intermediate_size
+  q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+  return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+          "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def adapter_leaves(config: Qwen25VLConfig) -> list[int]:
+  """Parameter counts of each stacked adapter leaf (lora_a [layers, in, r], lora_b [layers, r, out]); [] without."""
+  layers = config.text.num_hidden_layers
+  ranks = {name: config.lora.rank_of(name) for name in projection_shapes(config)}
+  return [layers * ranks[name] * d for name, dims in projection_shapes(config).items() if ranks[name] for d in dims]
+
+
 def parameter_counts(config: Qwen25VLConfig) -> dict[str, int]:
-  """{"vision": ViT + merger, "text": embeddings + decoder + final norm + untied LM head} parameter counts."""
+  """{"vision": ViT + merger, "text": embeddings + decoder + final norm + untied LM head, "adapters": the decoder's
+  LoRA adapters (0 without)} parameter counts."""
   v, t = config.vision, config.text
   hv, iv = v.hidden_size, v.intermediate_size
   vision_block = 2 * hv + (hv * 3 * hv + 3 * hv) + (hv * hv + hv) + 2 * (hv * iv + iv) + (iv * hv + hv)
@@ -156,12 +177,13 @@ def parameter_counts(config: Qwen25VLConfig) -> dict[str, int]:
   merger = hv + (wide * wide + wide) + (wide * v.out_hidden_size + v.out_hidden_size)
   vision = v.patch_dim * hv + v.depth * vision_block + merger
 
-  h, q, kv = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-  layer = 2 * h + (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * t.intermediate_size
+  h = t.hidden_size
+  biases = (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim  # q, k and v have one
+  layer = 2 * h + sum(i * o for i, o in projection_shapes(config).values()) + biases
   text = t.vocab_size * h + t.num_hidden_layers * layer + h
   if not t.tie_word_embeddings:
     text += h * t.vocab_size
-  return {"vision": vision, "text": text}
+  return {"vision": vision, "text": text, "adapters": sum(adapter_leaves(config))}
 
 
 def _per_device(total: int, shards: int) -> int:
@@ -294,14 +316,21 @@ def estimate(config: Qwen25VLConfig, run: RunShape, mesh_shape: Mapping[str, int
   """Bytes per device of each term for this architecture, run and mesh ({"data", "fsdp", "tensor"} sizes).
 
   config.dtype is model.dtype (the master weights'); run.compute_dtype the compute dtype ("" = config.dtype).
+  With config.lora the adapters train and the vision tower is frozen whatever run.freeze_vision says.
   """
+  lora = config.lora.rank > 0
+  if lora:
+    run = dataclasses.replace(run, freeze_vision=True)
   param_shards = mesh_shape.get("fsdp", 1) * mesh_shape.get("tensor", 1)
   batch_shards = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
   counts = parameter_counts(config)
   itemsize = jnp.dtype(config.dtype).itemsize
   compute_itemsize = jnp.dtype(run.compute_dtype or config.dtype).itemsize
-  trainable = counts["text"] if run.freeze_vision else counts["text"] + counts["vision"]
-  frozen = counts["vision"] if run.freeze_vision else 0
+  if lora:
+    trainable, frozen = counts["adapters"], counts["text"] + counts["vision"]
+  else:
+    trainable = counts["text"] if run.freeze_vision else counts["text"] + counts["vision"]
+    frozen = counts["vision"] if run.freeze_vision else 0
   mixed = bool(run.compute_dtype) and jnp.dtype(run.compute_dtype) != jnp.dtype(config.dtype)
 
   trainable_bytes = _per_device(trainable * itemsize, param_shards)
@@ -311,7 +340,8 @@ def estimate(config: Qwen25VLConfig, run: RunShape, mesh_shape: Mapping[str, int
   micro_rows = _per_device(_per_device(run.rows, run.micro_batches), batch_shards)
   t = config.text
   train_decoder, train_vision = train_activation_bytes(config, run, micro_rows, compute_itemsize)
-  largest_leaf = t.vocab_size * t.hidden_size  # the token embedding (and the LM head when untied)
+  # The token embedding (and the LM head when untied), or with LoRA the largest adapter.
+  largest_leaf = max(adapter_leaves(config)) if lora else t.vocab_size * t.hidden_size
   return MemoryEstimate(
       master=trainable_bytes,
       optimizer=2 * trainable_bytes,
@@ -419,6 +449,8 @@ def check(est: MemoryEstimate, limit: int, limit_source: str, config: Qwen25VLCo
            None if config.remat else "set model.remat=True",
            f"shard over more devices with mesh.fsdp (now {mesh_shape.get('fsdp', 1)})",
            None if run.compute_dtype == "bfloat16" else "use model.compute_dtype='bfloat16'",
+           None if config.lora.rank else "train low-rank adapters only (lora.rank=64, optim.freeze_vision=True): "
+           "no master weights, gradients or moments of the full model",
            "lower data.max_pixels / data.patch_buckets (vision attention grows with patches squared)",
            "or set train.memory_check=False to try anyway (this is an estimate)"]
   raise MemoryBudgetError(

@@ -10,8 +10,12 @@ The dtype policy, as DeepSpeed bf16 / MaxText run it (model.dtype float32, model
 - the KL reference model: a compute-dtype copy of the initial trainable weights only (it shares the frozen ones).
 With compute_dtype "" (or equal to model.dtype) every copy is in model.dtype: the tiny preset's all-float32 run.
 
+With LoRA (model lora.rank > 0) only the decoder's adapters train: they are the trainable tree (with their
+gradients, moments, rollout copy and the reference's copy, all small), and every base weight is frozen, stored once in
+the compute dtype, so the KL reference model is the base with the initial (zero-output) adapters and no copy of it.
+
 Parameter trees are pure dicts (nnx.to_pure_dict) whose top-level keys are the model's submodules (`visual`,
-`language_model`, `lm_head`); the trainable and frozen trees split those keys between them.
+`language_model`, `lm_head`); the trainable and frozen trees are two disjoint sub-trees of it (empty dicts dropped).
 """
 
 from __future__ import annotations
@@ -19,22 +23,47 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from noisygrpo_jax.models.qwen2_5_vl import lora
+
 FROZEN_WHEN_VISION_IS_FROZEN = ("visual",)  # the ViT and its merger: everything under `visual`
 
 
-def partition(params: dict, freeze_vision: bool) -> tuple[dict, dict]:
-  """(trainable, frozen) pure-dict trees of the model's parameters; `frozen` is {} unless freeze_vision."""
-  frozen_keys = FROZEN_WHEN_VISION_IS_FROZEN if freeze_vision else ()
-  return ({k: v for k, v in params.items() if k not in frozen_keys},
-          {k: v for k, v in params.items() if k in frozen_keys})
+def split(tree: dict, trains, path: tuple = ()) -> tuple[dict, dict]:
+  """(leaves at paths where `trains(path)`, the others) of a nested dict, keeping the nesting (empty dicts dropped);
+  `path` is a leaf's tuple of keys."""
+  trainable, frozen = {}, {}
+  for key, value in tree.items():
+    if not isinstance(value, dict):
+      (trainable if trains(path + (key,)) else frozen)[key] = value
+      continue
+    for part, sub in zip((trainable, frozen), split(value, trains, path + (key,))):
+      if sub:
+        part[key] = sub
+  return trainable, frozen
+
+
+def partition(params: dict, freeze_vision: bool, adapters_only: bool = False) -> tuple[dict, dict]:
+  """(trainable, frozen) pure-dict trees of the model's parameters.
+
+  adapters_only (LoRA): the adapter leaves (lora.is_adapter) train, everything else is frozen. Otherwise everything
+  trains but the vision tower under freeze_vision (`frozen` is {} without it).
+  """
+  if adapters_only:
+    return split(params, lora.is_adapter)
+  return split(params, lambda path: not (freeze_vision and path[0] in FROZEN_WHEN_VISION_IS_FROZEN))
 
 
 def combine(trainable: dict, frozen: dict) -> dict:
-  """The full parameter tree of `partition`'s two parts (no array is copied)."""
-  overlap = set(trainable) & set(frozen)
-  if overlap:
-    raise ValueError(f"parameter groups {sorted(overlap)} are both trainable and frozen")
-  return {**trainable, **frozen}
+  """The full parameter tree of `partition`'s two parts, merged key by key at every depth (no array is copied)."""
+  merged = dict(trainable)
+  for key, value in frozen.items():
+    if key not in merged:
+      merged[key] = value
+    elif isinstance(merged[key], dict) and isinstance(value, dict):
+      merged[key] = combine(merged[key], value)
+    else:
+      raise ValueError(f"parameter {key!r} is both trainable and frozen")
+  return merged
 
 
 def cast(tree, dtype: str):

@@ -49,6 +49,7 @@ def validate(config) -> None:
   if rl.rollout_weights not in ("replicated", "train"):
     raise ValueError(f"rl.rollout_weights={rl.rollout_weights!r} must be 'replicated' (the whole rollout copy on every "
                      "device) or 'train' (the training layout)")
+  validate_lora(config)
   if rl.filter_groups not in ("none", "drop", "refill"):
     raise ValueError(f"rl.filter_groups={rl.filter_groups!r} must be 'none', 'drop' (equal-reward groups leave the "
                      "update) or 'refill' (more prompts until the step has only informative groups)")
@@ -58,6 +59,23 @@ def validate(config) -> None:
   if rl.prefill_micro_batches and rows % rl.prefill_micro_batches:
     raise ValueError(f"rl.prefill_micro_batches={rl.prefill_micro_batches} does not divide the {rows} rollout rows "
                      "(train.prompts_per_step x rl.group_size); choose a divisor, or 0 for the fewest that fit")
+
+
+def validate_lora(config) -> None:
+  """Checks lora.* (and what LoRA needs of the other fields); raises ValueError naming the field and the fix."""
+  problems = model_config_lib.lora_problems(lora_config(config))
+  if problems:
+    raise ValueError("Invalid lora.* config:\n  " + "\n  ".join(problems))
+  rank = lora_config(config).rank
+  if not rank:
+    return
+  if not config.optim.freeze_vision:
+    raise ValueError(f"lora.rank={rank} trains only the decoder's adapters, so the vision tower stays frozen: set "
+                     "optim.freeze_vision=True (or lora.rank=0 to train the full model)")
+  if config.train.init_from:
+    raise ValueError(f"lora.rank={rank} with train.init_from={config.train.init_from!r}: a LoRA run starts from a "
+                     "base checkpoint, not from another run's state; export the warm start to an HF directory "
+                     "(checkpoint.save_hf merges its adapters) and set model.checkpoint to it")
 
 
 def make_mesh(config):
@@ -132,8 +150,18 @@ def build_tokenizer(config, train_examples) -> tokenizer_lib.Tokenizer:
   return process_zero_first(word_level, "build_tokenizer")
 
 
+def lora_config(config) -> model_config_lib.LoraConfig:
+  """lora.* as the model's LoraConfig; a run config written before lora.* existed (read back by export or evaluation)
+  has no adapters."""
+  lora = config.get("lora")
+  if lora is None:
+    return model_config_lib.LoraConfig()
+  return model_config_lib.LoraConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets))
+
+
 def model_config(config, tokenizer) -> model_config_lib.Qwen25VLConfig:
-  runtime = dict(dtype=config.model.dtype, remat=config.model.remat, scan_layers=config.model.scan_layers)
+  runtime = dict(dtype=config.model.dtype, remat=config.model.remat, scan_layers=config.model.scan_layers,
+                 lora=lora_config(config))
   if config.model.checkpoint:
     return model_config_lib.from_hf_json(config.model.checkpoint, **runtime)
   if config.model.preset in ("tiny", "small"):
@@ -188,11 +216,12 @@ def check_memory(config, model_cfg: model_config_lib.Qwen25VLConfig, mesh_shape)
 
 def build_model(config, tokenizer, mesh) -> Qwen25VL:
   """A HF checkpoint (sharded straight onto the mesh) or a random initialisation, once the memory estimate
-  says it fits (nothing is allocated before the check)."""
+  says it fits (nothing is allocated before the check); with lora.rank > 0, new adapters of seed train.seed."""
   architecture = model_config(config, tokenizer)
   check_memory(config, architecture, dict(mesh.shape))
   if config.model.checkpoint:
-    return load_hf(config.model.checkpoint, dtype=config.model.dtype, mesh=mesh)
+    return load_hf(config.model.checkpoint, dtype=config.model.dtype, mesh=mesh, lora=architecture.lora,
+                   seed=config.train.seed)
   return Qwen25VL(architecture, nnx.Rngs(config.train.seed))
 
 
@@ -245,11 +274,12 @@ class TrainSetup:
   state_shardings: train_step.TrainState
   compute_dtype: str  # model.compute_dtype: the frozen parameters', the rollout copy's and the reference's dtype
   freeze_vision: bool
+  adapters_only: bool  # lora.rank > 0: only the decoder's adapters train
 
   def split_params(self, params: dict) -> tuple[dict, dict]:
     """A full parameter tree -> (trainable in their dtype, frozen in the compute dtype), placed on the mesh with
     the state's shardings (training.params)."""
-    trainable, frozen = params_lib.partition(params, self.freeze_vision)
+    trainable, frozen = params_lib.partition(params, self.freeze_vision, self.adapters_only)
     frozen = params_lib.cast(frozen, self.compute_dtype)
     return (jax.device_put(trainable, self.state_shardings.params),
             jax.device_put(frozen, self.state_shardings.frozen))
@@ -275,9 +305,10 @@ def train_setup(config, model: Qwen25VL, mesh, updates_per_step: int = 1
   optimizer = optimizer_lib.make_optimizer(learning_rate_schedule(config, updates_per_step),
                                            weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                                            max_grad_norm=o.max_grad_norm)
-  shardings = train_step.state_shardings(model_state, optimizer, mesh, o.freeze_vision)
+  adapters_only = lora_config(config).rank > 0
+  shardings = train_step.state_shardings(model_state, optimizer, mesh, o.freeze_vision, adapters_only)
   init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
-  result = TrainSetup(graphdef, optimizer, shardings, config.model.compute_dtype, o.freeze_vision)
+  result = TrainSetup(graphdef, optimizer, shardings, config.model.compute_dtype, o.freeze_vision, adapters_only)
   trainable, frozen = result.split_params(nnx.to_pure_dict(model_state))
   return result, train_step.TrainState(step=jax.device_put(np.int32(0), shardings.step), params=trainable,
                                        opt_state=init(trainable), frozen=frozen)

@@ -68,7 +68,7 @@ class TrainState:
   never writes, so the rollout and reference models can share its buffers (training.params)."""
 
   step: jax.Array  # int32 scalar: optimizer updates done
-  params: dict  # the trainable parameters (params.partition), model.dtype: the master weights
+  params: dict  # the trainable parameters (params.partition; with LoRA the adapters), model.dtype: the master weights
   opt_state: optax.OptState  # AdamW moments of `params`, in their dtype
   frozen: dict  # the frozen parameters (params.partition; {} when all train), model.compute_dtype
 
@@ -270,10 +270,13 @@ def batch_shardings(batch: TokenBatch, mesh: Mesh) -> TokenBatch:
       position_ids=rows(1)(batch.position_ids))
 
 
-def state_shardings(abstract_model_state, optimizer, mesh: Mesh, freeze_vision: bool) -> TrainState:
-  """TrainState shardings derived from `jax.eval_shape` of the state and the logical-axis rules."""
-  trainable_sh, frozen_sh = params_lib.partition(sharding.param_shardings(abstract_model_state, mesh), freeze_vision)
-  abstract_trainable, _ = params_lib.partition(nnx.to_pure_dict(abstract_model_state), freeze_vision)
+def state_shardings(abstract_model_state, optimizer, mesh: Mesh, freeze_vision: bool,
+                    adapters_only: bool = False) -> TrainState:
+  """TrainState shardings derived from `jax.eval_shape` of the state and the logical-axis rules; the parameters
+  split as params.partition(..., freeze_vision, adapters_only) splits them."""
+  split = lambda tree: params_lib.partition(tree, freeze_vision, adapters_only)
+  trainable_sh, frozen_sh = split(sharding.param_shardings(abstract_model_state, mesh))
+  abstract_trainable, _ = split(nnx.to_pure_dict(abstract_model_state))
   abstract_opt = jax.eval_shape(optimizer.init, abstract_trainable)
   replicated = NamedSharding(mesh, PartitionSpec())
   return TrainState(step=replicated, params=trainable_sh,

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from noisygrpo_jax import atomic_io
 from noisygrpo_jax import sharding as sharding_lib
 from noisygrpo_jax.models.qwen2_5_vl import config as config_lib
+from noisygrpo_jax.models.qwen2_5_vl import lora as lora_lib
 from noisygrpo_jax.models.qwen2_5_vl import param_names
 from noisygrpo_jax.models.qwen2_5_vl.model import Qwen25VL
 
@@ -154,7 +155,17 @@ def _read_slice(path: tuple, tensors: list[np.ndarray], index: tuple[slice, ...]
   return np.stack([_read_layer_slice(path, tensors[i], index[1:], dtype) for i in layers])
 
 
-def load_hf(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None) -> Qwen25VL:
+def _initial_adapters(config: config_lib.Qwen25VLConfig, seed: int, shardings: dict) -> dict:
+  """flat path -> the adapters' initial values of `Qwen25VL(config, nnx.Rngs(seed))`, placed with `shardings` (flat
+  path -> sharding). Only the adapters are computed: the jitted model's other parameters are dead code."""
+  def init():
+    state = nnx.state(Qwen25VL(config, nnx.Rngs(seed)), nnx.Param)
+    return {p: v.get_value() for p, v in nnx.to_flat_state(state) if lora_lib.is_adapter(p)}
+  return jax.jit(init, out_shardings=shardings)()
+
+
+def load_hf(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None,
+            lora: config_lib.LoraConfig = config_lib.LoraConfig(), seed: int = 0) -> Qwen25VL:
   """Loads a local HF Qwen2.5-VL checkpoint directory.
 
   Args:
@@ -164,26 +175,36 @@ def load_hf(path: str | os.PathLike, dtype=None, mesh: Mesh | None = None) -> Qw
     dtype: parameter and activation dtype, "float32" (default) or "bfloat16" (names or jnp dtypes).
     mesh: when given, each parameter is created sharded by its logical axis names (sharding.py), each
       device shard read directly from the file; otherwise parameters live on the default device.
+    lora: low-rank adapters to add (rank 0: none); they are not in the checkpoint and take the initial values of
+      `Qwen25VL(config, nnx.Rngs(seed))`, so the loaded model computes exactly what the checkpoint does.
   Returns:
-    The model; config.dtype is `dtype`.
+    The model; config.dtype is `dtype`, config.lora is `lora`.
   Raises:
     ValueError: the config is not Qwen2.5-VL, the weights are pickles, or tensors are missing, unexpected
       or mis-shaped (all listed, with expected and found shapes and the file).
   """
   path = os.fspath(path)
-  config = config_lib.from_hf_json(path, dtype=jnp.dtype(dtype or "float32").name)
+  config = config_lib.from_hf_json(path, dtype=jnp.dtype(dtype or "float32").name, lora=lora)
   tensors = _checkpoint_tensors(path)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(config, nnx.Rngs(seed))))
   flat = nnx.to_flat_state(state)
-  _check_tensors(path, flat, tensors, config)
+  _check_tensors(path, [(p, v) for p, v in flat if not lora_lib.is_adapter(p)], tensors, config)
   target = jnp.dtype(config.dtype)
+  shardings = {}
   for p, variable in flat:
     shape = variable.get_value().shape
-    sharding = (sharding_lib.logical_sharding(variable.get_metadata().get("out_sharding"), mesh, shape)
-                if mesh is not None else SingleDeviceSharding(jax.local_devices()[0]))
+    shardings[p] = (sharding_lib.logical_sharding(variable.get_metadata().get("out_sharding"), mesh, shape)
+                    if mesh is not None else SingleDeviceSharding(jax.local_devices()[0]))
+  adapters = (_initial_adapters(config, seed, {p: s for p, s in shardings.items() if lora_lib.is_adapter(p)})
+              if lora.rank else {})
+  for p, variable in flat:
+    if lora_lib.is_adapter(p):
+      variable.set_value(adapters[p])
+      continue
+    shape = variable.get_value().shape
     layer_tensors = [tensors[key][2] for key in param_names.layer_keys(p, shape)]
     variable.set_value(jax.make_array_from_callback(
-        shape, sharding, functools.partial(_read_slice, p, layer_tensors, dtype=target)))
+        shape, shardings[p], functools.partial(_read_slice, p, layer_tensors, dtype=target)))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -210,9 +231,14 @@ def _write_safetensors(file, entries, metadata: dict[str, str]) -> None:
     file.write(memoryview(array.reshape(-1).view(np.uint8)))
 
 
-def _host_tensor(path: tuple, value: jax.Array, layer: int | None, patch_shape) -> np.ndarray:
-  """One parameter (its slice `layer` when stacked) gathered to the host, in the HF layout."""
-  value = value if layer is None else value[layer]
+def _host_tensor(path: tuple, value: jax.Array, layer: int | None, patch_shape, adapter=None) -> np.ndarray:
+  """One parameter (its slice `layer` when stacked) gathered to the host, in the HF layout; a kernel with an
+  `adapter` (lora_a, lora_b, scale) is merged with it first (lora.merged_kernel)."""
+  pick = lambda x: x if layer is None else x[layer]
+  value = pick(value)
+  if adapter is not None:
+    lora_a, lora_b, scale = adapter
+    value = lora_lib.merged_kernel(value, pick(lora_a), pick(lora_b), scale)
   return param_names.to_hf_layout(path, np.asarray(jax.device_get(value)), patch_shape)
 
 
@@ -222,21 +248,27 @@ def save_hf(model: Qwen25VL, path: str | os.PathLike) -> None:
   Each file is written to a temp file in `path` and renamed into place, so a crash never leaves a
   partly written file. Sharded weights from an earlier save in `path` (index + shards) are removed once
   the new file is in place, so the directory holds one checkpoint; other files (tokenizer, ...) are kept.
-  Parameters are gathered to the host one at a time and saved in their dtype (bfloat16 stays bfloat16).
+  Parameters are gathered to the host one at a time and saved in their dtype (bfloat16 stays bfloat16). Low-rank
+  adapters (config.lora) are merged into their kernels, W + (alpha / r) A @ B computed in float32 and cast to W's
+  dtype, one layer at a time: the checkpoint is a plain Qwen2.5-VL that computes what the adapted model does.
   """
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   config = model.config
   patch_shape = _patch_shape(config.vision)
+  params = {p: variable.get_value() for p, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   entries = []
-  for p, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = variable.get_value()
+  for p, value in params.items():
+    if lora_lib.is_adapter(p):
+      continue
+    lora_a = params.get(p[:-1] + ("lora_a",)) if p[-1] == "kernel" else None
+    adapter = None if lora_a is None else (lora_a, params[p[:-1] + ("lora_b",)], config.lora.scale)
     hf_shape = _hf_shape(p, value.shape, patch_shape)
     keys = param_names.layer_keys(p, value.shape)
     layers = range(len(keys)) if param_names.is_stacked(p) else [None]
     for key, layer in zip(keys, layers):
       entries.append((key, hf_shape, np.dtype(value.dtype), functools.partial(_host_tensor, p, value, layer,
-                                                                               patch_shape)))
+                                                                               patch_shape, adapter)))
   # Widest dtypes first keeps every tensor aligned to its item size.
   entries.sort(key=lambda e: (-e[2].itemsize, e[0]))
 

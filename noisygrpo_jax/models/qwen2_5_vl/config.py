@@ -1,7 +1,7 @@
 """Qwen2.5-VL architecture configuration: presets and parsing of HF `config.json`.
 
 The config is a frozen dataclass so it can be a static argument of jitted functions. It holds the
-architecture only, plus runtime choices that change the traced program (`dtype`, `remat`, `scan_layers`).
+architecture only, plus runtime choices that change the traced program (`dtype`, `remat`, `scan_layers`, `lora`).
 """
 
 from __future__ import annotations
@@ -76,6 +76,26 @@ class TextConfig:
     return self.hidden_size // self.num_attention_heads
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Low-rank adapters on the decoder's projections (models/qwen2_5_vl/lora.py); rank 0 builds none."""
+
+  rank: int = 0  # r: columns of lora_a [in, r] and rows of lora_b [r, out]; 0 = no adapters
+  alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+  targets: tuple[str, ...] = LORA_TARGETS  # decoder projections that get an adapter (a subset of LORA_TARGETS)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank if self.rank else 0.0
+
+  def rank_of(self, target: str) -> int:
+    """The adapter rank of the decoder projection `target` (0: none)."""
+    return self.rank if target in self.targets else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
   """Full model: vision tower + decoder + the special token ids that join them."""
@@ -89,6 +109,7 @@ class Qwen25VLConfig:
   dtype: str = "float32"  # parameter and activation dtype: "float32" or "bfloat16"
   remat: bool = False  # rematerialise each decoder layer and vision block in the backward pass
   scan_layers: bool = True  # run the decoder layers and vision blocks as one lax.scan each (False: unrolled)
+  lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # low-rank adapters on the decoder
 
   def __post_init__(self):
     validate(self)
@@ -124,10 +145,27 @@ def validate(config: Qwen25VLConfig) -> None:
                       "set it explicitly for a small vocabulary")
   if config.dtype not in ("float32", "bfloat16"):
     problems.append(f"dtype={config.dtype!r} must be 'float32' or 'bfloat16'")
+  problems += lora_problems(config.lora)
   if any(not 0 <= i < v.depth for i in v.fullatt_block_indexes):
     problems.append(f"vision.fullatt_block_indexes={v.fullatt_block_indexes} must lie in [0, depth={v.depth})")
   if problems:
     raise ValueError("Invalid Qwen2.5-VL config:\n  " + "\n  ".join(problems))
+
+
+def lora_problems(lora: LoraConfig) -> list[str]:
+  """What is wrong with the adapter settings, one line per field with its fix (empty: nothing)."""
+  problems = []
+  if lora.rank < 0:
+    problems.append(f"lora.rank={lora.rank} must be >= 0 (0 = no adapters)")
+  unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
+  if unknown:
+    problems.append(f"lora.targets={tuple(lora.targets)}: {unknown} are not decoder projections; choose from "
+                    f"{LORA_TARGETS}")
+  if lora.rank and not lora.targets:
+    problems.append(f"lora.rank={lora.rank} with no lora.targets: name the projections to adapt, or set rank 0")
+  if lora.rank and not lora.alpha > 0:
+    problems.append(f"lora.alpha={lora.alpha} must be > 0 (the adapter output is scaled by alpha / rank)")
+  return problems
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,7 +246,7 @@ def from_hf_dict(hf: dict[str, Any], source: str = "config.json", **runtime) -> 
   Args:
     hf: the parsed config.json.
     source: where it came from, for error messages.
-    **runtime: `dtype`, `remat` and `scan_layers` overrides.
+    **runtime: `dtype`, `remat`, `scan_layers` and `lora` overrides.
   """
   archs = hf.get("architectures") or [ARCHITECTURE]
   if hf.get("model_type") not in (MODEL_TYPE, None) or ARCHITECTURE not in archs:

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from noisygrpo_jax.models.qwen2_5_vl import lora
+
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 
 
@@ -22,15 +24,26 @@ def param(rngs: nnx.Rngs, shape, names, dtype, init=nnx.initializers.normal(0.02
 
 
 class Linear(nnx.Module):
-  """y = x @ kernel + bias; kernel [in, out]."""
+  """y = x @ kernel + bias; kernel [in, out].
+
+  With `adapters` that give `target` a rank r > 0 (lora.py), a low-rank adapter adds scale * (x @ lora_a) @ lora_b:
+  lora_a [in, r] random, lora_b [r, out] zero, so the new adapter leaves y unchanged.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, bias: bool, names: tuple[str, str], dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, adapters: lora.Adapters | None = None, target: str = ""):
     self.kernel = param(rngs, (in_features, out_features), names, dtype)
     self.bias = param(rngs, (out_features,), names[1:], dtype, nnx.initializers.zeros) if bias else None
+    rank = adapters.config.rank_of(target) if adapters is not None else 0
+    self.lora_scale = adapters.config.scale if rank else 0.0
+    self.lora_a = param(adapters.rngs, (in_features, rank), (names[0], None), dtype, lora.A_INIT) if rank else None
+    self.lora_b = (param(adapters.rngs, (rank, out_features), (None, names[1]), dtype, nnx.initializers.zeros)
+                   if rank else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x, self.kernel[...].astype(x.dtype))
+    if self.lora_a is not None:
+      y = y + self.lora_scale * jnp.dot(jnp.dot(x, self.lora_a[...].astype(x.dtype)), self.lora_b[...].astype(x.dtype))
     return y + self.bias[...].astype(x.dtype) if self.bias is not None else y
 
 
@@ -48,13 +61,16 @@ class RMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-  """down(silu(gate(x)) * up(x))."""
+  """down(silu(gate(x)) * up(x)); `adapters` as in Linear (targets gate_proj, up_proj, down_proj)."""
 
-  def __init__(self, dim: int, hidden: int, *, bias: bool, names: tuple[str, str], dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, *, bias: bool, names: tuple[str, str], dtype, rngs: nnx.Rngs,
+               adapters: lora.Adapters | None = None):
     embed, mlp = names
-    self.gate_proj = Linear(dim, hidden, bias=bias, names=(embed, mlp), dtype=dtype, rngs=rngs)
-    self.up_proj = Linear(dim, hidden, bias=bias, names=(embed, mlp), dtype=dtype, rngs=rngs)
-    self.down_proj = Linear(hidden, dim, bias=bias, names=(mlp, embed), dtype=dtype, rngs=rngs)
+    linear = lambda i, o, names, target: Linear(i, o, bias=bias, names=names, dtype=dtype, rngs=rngs,
+                                                adapters=adapters, target=target)
+    self.gate_proj = linear(dim, hidden, (embed, mlp), "gate_proj")
+    self.up_proj = linear(dim, hidden, (embed, mlp), "up_proj")
+    self.down_proj = linear(hidden, dim, (mlp, embed), "down_proj")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

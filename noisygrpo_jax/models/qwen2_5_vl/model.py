@@ -37,7 +37,8 @@ class Qwen25VL(nnx.Module):
     self.config = config
     dtype = jnp.dtype(config.dtype)
     self.visual = VisionTransformer(config.vision, dtype, rngs, remat=config.remat, scan_layers=config.scan_layers)
-    self.language_model = TextModel(config.text, dtype, rngs, remat=config.remat, scan_layers=config.scan_layers)
+    self.language_model = TextModel(config.text, dtype, rngs, remat=config.remat, scan_layers=config.scan_layers,
+                                    lora_config=config.lora)
     self.lm_head = None if config.text.tie_word_embeddings else Linear(
         config.text.hidden_size, config.text.vocab_size, bias=False, names=("embed", "vocab"), dtype=dtype,
         rngs=rngs)

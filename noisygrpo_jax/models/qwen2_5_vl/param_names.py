@@ -4,12 +4,15 @@ Our paths are nnx flat-state paths, e.g. ('language_model', 'layers', 'self_attn
 layers and the vision blocks are stacked (`stacking`): one array [n, ...] per parameter, which HF stores as n tensors
 (`model.language_model.layers.{i}.self_attn.q_proj.weight`); `layer_keys` lists them and the layouts below convert
 one layer's slice at a time. HF keys use the transformers >= 4.52 layout (`model.language_model.*`, `model.visual.*`,
-`lm_head.*`); older checkpoints (`model.*`, `visual.*`) are accepted by `canonical_hf_key`.
+`lm_head.*`); older checkpoints (`model.*`, `visual.*`) are accepted by `canonical_hf_key`. The decoder's low-rank
+adapters (lora.py) have no HF key: `checkpoint.save_hf` merges them into their kernels.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from noisygrpo_jax.models.qwen2_5_vl import lora
 
 # Our merger MLP is a two-entry list; HF's nn.Sequential has the GELU at index 1.
 _MERGER_INDEX = {"0": "0", "1": "2"}
@@ -26,6 +29,9 @@ def is_stacked(path: tuple) -> bool:
 def hf_key(path: tuple, layer: int | None = None) -> str:
   """Our flat-state path (and, for a stacked parameter, the layer) -> the HF key (new layout)."""
   parts = [str(p) for p in path]
+  if lora.is_adapter(path):
+    raise ValueError(f"{'.'.join(parts)} is a low-rank adapter, which HF checkpoints do not hold; save_hf merges "
+                     "it into its kernel")
   if is_stacked(path):
     if layer is None:
       raise ValueError(f"{'.'.join(parts)} is stacked over layers: its HF key needs the layer index")

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from noisygrpo_jax.models.qwen2_5_vl.config import TextConfig
-from noisygrpo_jax.models.qwen2_5_vl import stacking
+from noisygrpo_jax.models.qwen2_5_vl.config import LoraConfig, TextConfig
+from noisygrpo_jax.models.qwen2_5_vl import lora, stacking
 from noisygrpo_jax.models.qwen2_5_vl.layers import (Linear, RMSNorm, SwiGLU, apply_rope, param,
                                                     query_chunked_attention)
 
@@ -46,14 +46,17 @@ def mrope(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Array, jax.A
 
 
 class Attention(nnx.Module):
+  """Grouped-query self-attention; `adapters` (lora.py) may adapt q_proj, k_proj, v_proj and o_proj."""
 
-  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs, adapters: lora.Adapters | None = None):
     d, hd = config.hidden_size, config.head_dim
     self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-    self.q_proj = Linear(d, self.num_heads * hd, bias=True, names=("embed", "heads"), dtype=dtype, rngs=rngs)
-    self.k_proj = Linear(d, self.num_kv_heads * hd, bias=True, names=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-    self.v_proj = Linear(d, self.num_kv_heads * hd, bias=True, names=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-    self.o_proj = Linear(self.num_heads * hd, d, bias=False, names=("heads", "embed"), dtype=dtype, rngs=rngs)
+    linear = lambda i, o, bias, names, target: Linear(i, o, bias=bias, names=names, dtype=dtype, rngs=rngs,
+                                                      adapters=adapters, target=target)
+    self.q_proj = linear(d, self.num_heads * hd, True, ("embed", "heads"), "q_proj")
+    self.k_proj = linear(d, self.num_kv_heads * hd, True, ("embed", "kv_heads"), "k_proj")
+    self.v_proj = linear(d, self.num_kv_heads * hd, True, ("embed", "kv_heads"), "v_proj")
+    self.o_proj = linear(self.num_heads * hd, d, False, ("heads", "embed"), "o_proj")
 
   def __call__(self, x, cos, sin, mask, cache: LayerCache | None = None, cache_index=None):
     """x [B, T, D]; cos/sin [B, T, head_dim]; mask bool [B, T, S].
@@ -77,13 +80,13 @@ class Attention(nnx.Module):
 
 class DecoderLayer(nnx.Module):
 
-  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs, adapters: lora.Adapters | None = None):
     norm = dict(eps=config.rms_norm_eps, names=("norm",), dtype=dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(config.hidden_size, **norm)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
-    self.self_attn = Attention(config, dtype, rngs)
+    self.self_attn = Attention(config, dtype, rngs, adapters)
     self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=False, names=("embed", "mlp"),
-                      dtype=dtype, rngs=rngs)
+                      dtype=dtype, rngs=rngs, adapters=adapters)
 
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
     h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
@@ -92,14 +95,21 @@ class DecoderLayer(nnx.Module):
 
 
 class TextModel(nnx.Module):
-  """Qwen2_5_VLTextModel: token embedding, decoder layers (stacked parameters, `stacking`), final norm."""
+  """Qwen2_5_VLTextModel: token embedding, decoder layers (stacked parameters, `stacking`), final norm.
 
-  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs, remat: bool = False, scan_layers: bool = True):
+  `lora_config` with rank > 0 gives the layers' target projections low-rank adapters (lora.py), stacked as the
+  layers are.
+  """
+
+  def __init__(self, config: TextConfig, dtype, rngs: nnx.Rngs, remat: bool = False, scan_layers: bool = True,
+               lora_config: LoraConfig = LoraConfig()):
     self.config = config
     self.remat = remat
     self.scan_layers = scan_layers
     self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype, rngs)
-    self.layers = stacking.stack_layers([DecoderLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)])
+    adapters = lora.Adapters(lora_config, rngs) if lora_config.rank else None
+    self.layers = stacking.stack_layers([DecoderLayer(config, dtype, rngs, adapters)
+                                         for _ in range(config.num_hidden_layers)])
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, names=("norm",), dtype=dtype, rngs=rngs)
 
   def __call__(self, embeds, position_ids, mask, caches: LayerCache | None = None, cache_index=None,
