@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 SWEEP_LEVELS ?= (0.,.2,.4,.6) (0.,.3,.6,.9) (0.,.5,.8,1.)
 
-.PHONY: setup setup-mpnet test test-reliability test-all train sft export compare sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-host bench-compile bench-gpu clean
+.PHONY: setup setup-mpnet test test-reliability test-all train sft export compare compare-filter sweep-noise bench bench-setup bench-forward bench-generate bench-train bench-e2e bench-processing bench-memory bench-host bench-compile bench-gpu clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,11 @@ export: $(STAMP)
 # GRPO vs NoisyGRPO vs noise without the Bayesian advantage, 3 seeds each, from one warm start.
 compare: $(STAMP)
 	$(PY) experiments/default_run.py --methods=noisygrpo,grpo,noise_only --seeds=0,1,2 --out=results/compare $(ARGS)
+
+# NoisyGRPO with and without group filtering (rl.filter_groups), 3 seeds each, from the same warm start, 40 steps.
+compare-filter: $(STAMP)
+	$(PY) experiments/default_run.py --methods=noisygrpo,noisygrpo_drop,noisygrpo_refill --seeds=0,1,2 --rl_steps=40 \
+		--out=results/compare_filter $(ARGS)
 
 # A sweep is a loop over config overrides: here the noise grid.
 sweep-noise: $(STAMP)

@@ -26,7 +26,8 @@ from noisygrpo_jax.training import loops  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", "workdir/default", "Where the warm start and the RL runs live.")
 flags.DEFINE_string("out", "", "Where plots and the summary go (default: the root).")
-flags.DEFINE_list("methods", ["noisygrpo"], "noisygrpo | grpo | noise_only (noise, GRPO advantage).")
+flags.DEFINE_list("methods", ["noisygrpo"], "noisygrpo | grpo | noise_only (noise, GRPO advantage) | "
+                  "noisygrpo_drop, noisygrpo_refill (rl.filter_groups).")
 flags.DEFINE_list("seeds", ["42"], "RL seeds; each method runs once per seed.")
 flags.DEFINE_integer("rl_steps", 0, "RL steps (0 = the tiny preset's).")
 flags.DEFINE_float("vision_noise_fraction", None, "Warm start: vision_pretrain.noise_fraction (default: the sft "
@@ -36,10 +37,12 @@ EVAL_SPLITS = ("test", "ood", "hallucination", "robustness")
 
 
 def rl_config(method: str, seed: int, workdir: str, warm_start: str):
-  c = {"noisygrpo": noisygrpo, "grpo": grpo, "noise_only": noisygrpo}[method].get_config("tiny")
+  c = (grpo if method == "grpo" else noisygrpo).get_config("tiny")
   with c.unlocked():
     if method == "noise_only":
       c.rl.advantage = "grpo"
+    elif method.startswith("noisygrpo_"):
+      c.rl.filter_groups = method.removeprefix("noisygrpo_")
     c.train.seed = seed
     c.train.workdir = workdir
     c.train.init_from = warm_start
