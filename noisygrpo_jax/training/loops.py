@@ -300,8 +300,7 @@ class Run:
   @functools.cached_property
   def reward_functions(self) -> dict:
     """The run's reward functions (rl.rewards), which score the written samples as they score the rollouts."""
-    vision = setup.model_config(self.config, self.tokenizer).vision
-    return setup.rollout_config(self.config, self.tokenizer, vision).reward_functions
+    return setup.reward_functions(self.config)
 
   def evaluate_start(self, splits) -> dict[str, float]:
     """`evaluate(splits)` of a fresh run's step-0 model.

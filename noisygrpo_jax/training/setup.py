@@ -242,6 +242,12 @@ def image_config(config, vision: model_config_lib.VisionConfig) -> image_lib.Ima
                                         merge_size=vision.spatial_merge_size, pixel_dtype="uint8")
 
 
+def reward_functions(config) -> dict[str, rewards_lib.RewardFunction]:
+  """The run's reward functions (rl.rewards under rl.reward_rules), name -> function, accuracy first."""
+  rl = config.rl
+  return rewards_lib.reward_functions(tuple(rl.rewards), rl.reward_rules, rl.semantic_model)
+
+
 def rollout_config(config, tokenizer, vision: model_config_lib.VisionConfig) -> rollouts.RolloutConfig:
   rl = config.rl
   hyper = dict(r_value=rl.r_value, p_alpha=rl.p_alpha) if rl.advantage == "noisygrpo" else {}
@@ -249,7 +255,7 @@ def rollout_config(config, tokenizer, vision: model_config_lib.VisionConfig) -> 
       group_size=rl.group_size, noise_enabled=rl.noise.enabled, noise_levels=tuple(rl.noise.levels),
       noise_schedule=rl.noise.schedule, noise_quantize=rl.noise.quantize, noise_anneal=rl.noise.anneal,
       advantage=rl.advantage, advantage_hyper=hyper,
-      reward_functions=rewards_lib.reward_functions(tuple(rl.rewards), rl.reward_rules, rl.semantic_model),
+      reward_functions=reward_functions(config),
       mask_noise_correct=rl.mask_noise_correct, sampling=sampling_params(config, tokenizer),
       image=image_config(config, vision), prompt_buckets=tuple(config.data.prompt_buckets),
       patch_buckets=tuple(config.data.patch_buckets), max_prompt_tokens=config.data.max_prompt_tokens,
