@@ -1,12 +1,15 @@
 """Kill anywhere: a tiny RL run SIGKILLed at 5 seeded moments ends bitwise equal to an uninterrupted one.
 
 Kill moments (numpy RNG seed 0; the 5 modes are a seeded permutation of startup, step, step, write, write):
-startup = 2-10 s after launch (imports, data, model, restore); step = 0-1.5 s after the restarted process logged
-its first new step; write = the moment a `<step>.orbax-checkpoint-tmp` directory appears for the 1st-3rd step
-after the restored one (polled every 2 ms; writing the tiny state takes tens of ms). A kill counts as landed
-during a write when, after the process is dead, a temporary directory that this process created (told from a
-same-named leftover of the previous process by inode and ctime) and saw just before the kill is still there and
-that step's final directory is not. At least one such kill is required (the report is printed with -s).
+startup = 2-10 s after launch (imports, data, model, restore), or the moment the restarted process logs its
+first new step if that comes sooner (with a warm compilation cache a fast machine runs the whole rest of the run
+in under 10 s, and a kill after the last step would leave nothing for the next kill to interrupt); step = 0-1.5
+s after the restarted process logged its first new step; write = the moment a `<step>.orbax-checkpoint-tmp`
+directory appears for the 1st-3rd step after the restored one (polled every 2 ms; writing the tiny state takes
+tens of ms). A kill counts as landed during a write when, after the process is dead, a temporary directory that
+this process created (told from a same-named leftover of the previous process by inode and ctime) and saw just
+before the kill is still there and that step's final directory is not. At least one such kill is required (the
+report is printed with -s).
 
 Also here: restoring a checkpoint of another model shape by resume or train.init_from fails with a clear error.
 """
@@ -70,9 +73,9 @@ def _run_and_kill(proc, mode: str, delay: float, resume: int, workdir, before: d
   new_step_logged = lambda: (runs.file_id(metrics) != before["metrics"]
                              and any(s > resume for s in runs.logged_steps(workdir)))
   new_tmp = lambda: {n: i for n, i in runs.tmp_dirs(ckpt).items() if before["tmp"].get(n) != i}
-  if mode == "startup":
-    time.sleep(delay)
-    fired = proc.poll() is None
+  if mode == "startup":  # at `delay`, or at the first new step if the run gets there sooner (a fast machine)
+    deadline = time.monotonic() + delay
+    fired = _wait_for(proc, lambda: time.monotonic() >= deadline or new_step_logged())
   elif mode == "step":
     fired = _wait_for(proc, new_step_logged)
     time.sleep(delay)
