@@ -13,6 +13,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -115,3 +116,10 @@ def tree_shardings_like(tree, param_sharding_tree, mesh: Mesh):
     return replicated
 
   return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly sharded, possibly multi-process) array as numpy, on every process."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

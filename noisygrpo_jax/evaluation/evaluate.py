@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
+from noisygrpo_jax import sharding
 from noisygrpo_jax.data import records
 from noisygrpo_jax.evaluation import metrics as metrics_lib
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
@@ -17,13 +18,15 @@ from noisygrpo_jax.sampling import sampler
 
 def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], params: sampler.SamplingParams,
            image_config: image_lib.ImageProcessorConfig, *, batch_size: int = 16, key=None,
-           prompt_buckets=(), patch_buckets=(),
-           encode_prompts=chat_template.encode_vqa_prompts) -> list[str]:
+           prompt_buckets=(), patch_buckets=(), encode_prompts=chat_template.encode_vqa_prompts,
+           place: Callable[[collate.PromptBatch], collate.PromptBatch] | None = None) -> list[str]:
   """One completion per example (greedy unless `params` samples), decoded without special tokens.
 
   `encode_prompts(tokenizer, examples, image_grids)` makes the prompts (default: the question with the reasoning
   instruction, then the assistant turn opener). The last batch is padded with repeats of its first example so
-  every batch has the same shape.
+  every batch has the same shape. place: puts each prompt batch on the devices the sampler runs on (e.g.
+  `Run.place_prompts`: rows split over the mesh's batch axes, so each device answers its share of the rows);
+  default: as it is (one device, or whole on every device).
   """
   key = jax.random.key(0) if key is None else key
   completions = []
@@ -36,8 +39,8 @@ def answer(model: Qwen25VL, tokenizer: Tokenizer, examples: Sequence[dict], para
     chats = encode_prompts(tokenizer, chunk, [im.image_grid_thw for im in images])
     prompts = collate.collate_prompts(chats, images, model.config, pad_id=tokenizer.pad_id,
                                       prompt_buckets=prompt_buckets, patch_buckets=patch_buckets)
-    out = sampler.generate(model, prompts, jax.random.fold_in(key, start), params)
-    tokens, mask = np.asarray(out.tokens)[:real], np.asarray(out.mask)[:real]
+    out = sampler.generate(model, place(prompts) if place else prompts, jax.random.fold_in(key, start), params)
+    tokens, mask = sharding.host_array(out.tokens)[:real], sharding.host_array(out.mask)[:real]
     completions += tokenizer.decode_batch([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)
   return completions
 

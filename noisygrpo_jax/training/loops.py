@@ -25,7 +25,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from noisygrpo_jax import atomic_io
+from noisygrpo_jax import atomic_io, sharding
 from noisygrpo_jax.data import records
 from noisygrpo_jax.evaluation import evaluate
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
@@ -273,6 +273,13 @@ class Run:
                                                    "consecutive_skips": self.consecutive_skips,
                                                    "init_from_step": self.init_from_step})
 
+  def eval_batching(self) -> dict:
+    """`evaluate.answer`'s batching of this run: a step's rows per batch, the data buckets, and the batches' rows
+    split over the mesh (`place_prompts`)."""
+    return dict(batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
+                prompt_buckets=tuple(self.config.data.prompt_buckets),
+                patch_buckets=tuple(self.config.data.patch_buckets), place=self.place_prompts)
+
   def evaluate(self, splits) -> dict[str, float]:
     """Greedy metrics per split; the first split also reports `image_reliance` (does the model look?)."""
     return self.evaluate_with_samples(splits, count=0)[0]
@@ -284,9 +291,7 @@ class Run:
     params = setup.sampling_params(self.config, self.tokenizer, greedy=True)
     model = self.model()
     image_cfg = setup.image_config(self.config, model.config.vision)
-    batching = dict(batch_size=self.config.train.prompts_per_step * self.config.rl.group_size,
-                    prompt_buckets=tuple(self.config.data.prompt_buckets),
-                    patch_buckets=tuple(self.config.data.patch_buckets))
+    batching = self.eval_batching()
     for split in splits:
       examples = setup.load_split(self.config, split)
       completions = evaluate.answer(model, self.tokenizer, examples, params, image_cfg, **batching)
@@ -476,7 +481,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
               **throughput.step_metrics(model_config, **shapes,
                                         tokens=r.metrics["tokens/prompt"] + r.metrics["tokens/completion"],
                                         seconds=t2 - start, devices=jax.device_count(), peak_flops=peak_flops),
-              **logprob_drift(r, rollouts.host_array(trainer_logps)),
+              **logprob_drift(r, sharding.host_array(trainer_logps)),
               "data/position": run.data_position}
       postfix = dict(reward=f"{last['reward/semantic']:.3f}", clean_acc=f"{last['reward/clean_accuracy']:.2f}",
                      K=f"{last.get('advantage/kalman_gain', float('nan')):.2f}",

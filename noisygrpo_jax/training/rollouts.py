@@ -12,8 +12,8 @@ from typing import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
+from noisygrpo_jax import sharding
 from noisygrpo_jax.data import records
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
@@ -153,13 +153,6 @@ def generate_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig,
   return sample_rollouts(model, tokenizer, cfg, prepared)
 
 
-def host_array(x: jax.Array) -> np.ndarray:
-  """The whole of a (possibly sharded, possibly multi-process) array as numpy, on every process."""
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, prepared: PreparedPrompts,
                     host_seconds: float | None = None,
                     place: Callable[[collate.PromptBatch], collate.PromptBatch] | None = None) -> Rollouts:
@@ -178,7 +171,7 @@ def sample_rollouts(model: Qwen25VL, tokenizer: Tokenizer, cfg: RolloutConfig, p
   t0 = time.perf_counter()
   timings = {}
   out = sampler.generate(model, place(prompts) if place else prompts, prepared.sample_key, cfg.sampling, timings)
-  tokens, mask, sampler_logps = host_array(out.tokens), host_array(out.mask), host_array(out.logprobs)
+  tokens, mask, sampler_logps = map(sharding.host_array, (out.tokens, out.mask, out.logprobs))
   t1 = time.perf_counter()
 
   completions = tokenizer.decode_batch([t[m > 0] for t, m in zip(tokens, mask)], skip_special_tokens=True)

@@ -1,5 +1,10 @@
 """Greedy evaluation on a tiny random model: image_reliance detects whether final answers depend on the images."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -148,3 +153,38 @@ def test_two_image_examples_are_answered_and_shown_the_next_examples_images(sett
   assert sorted(shown[0]) == sorted(two) and sorted(shown[1]) == sorted(one)
   assert all(im is one["image"] for im in shown[0]["images"]) and len(shown[0]["images"]) == 2
   assert shown[1]["image"] is two["images"][0] and shown[0]["problem"] == two["problem"]
+
+
+def test_placed_batches_answer_rows_split_over_8_devices_as_one_device_does():
+  """With `place` (as Run.place_prompts: rows over the mesh's batch axes) every device generates its share of each
+  batch's rows, and the answers (a padded last batch included) equal one device's."""
+  script = textwrap.dedent("""
+      import os
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      import jax, numpy as np
+      from noisygrpo_jax import sharding
+      from noisygrpo_jax.evaluation import evaluate
+      from noisygrpo_jax.sampling import sampler
+      from noisygrpo_jax.training import loops, train_step
+      from tests.evaluation import test_evaluate as T
+      tokenizer, model, params = T.setting.__wrapped__()
+      rng = np.random.default_rng(0)
+      examples = T._examples([rng.integers(0, 256, (56, 56, 3), dtype=np.uint8) for _ in range(11)])
+      single = evaluate.answer(model, tokenizer, examples, params, T.IMAGE_CONFIG, batch_size=8)
+      mesh = sharding.make_mesh(data=2, fsdp=4)
+      place = lambda prompts: loops.place_batch(prompts, train_step.batch_shardings(prompts, mesh))
+      generate, devices = sampler.generate, []
+      def spy(model, prompts, *args):
+        out = generate(model, prompts, *args)
+        devices.append((len(prompts.input_ids.sharding.device_set), out.tokens.sharding.spec[0]))
+        return out
+      evaluate.sampler.generate = spy
+      placed = evaluate.answer(model, tokenizer, examples, params, T.IMAGE_CONFIG, batch_size=8, place=place)
+      assert devices == [(8, ("data", "fsdp"))] * 2, devices
+      assert placed == single, (placed, single)
+      print("PLACED_OK")
+      """)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=root))
+  assert "PLACED_OK" in result.stdout, result.stderr[-3000:]
