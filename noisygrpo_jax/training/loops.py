@@ -474,7 +474,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
                     decode_steps=int(r.metrics["decode/steps"]),
                     patches=0 if batch.vision is None else batch.vision.pixel_values.shape[1],
                     group_size=c.rl.group_size, train_vision=not c.optim.freeze_vision,
-                    reference=run.reference_params is not None)
+                    reference=run.reference_params is not None, frozen_decoder=c.lora.rank > 0)
       last = {**r.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
               "time/reference": t1 - t0, "time/train": t2 - t1, "time/step": t2 - start,
               "time/host_work": prepared.seconds,  # made in the background with data.prefetch_rollouts

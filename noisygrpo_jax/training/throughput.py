@@ -65,7 +65,8 @@ def decode_step_flops(config, batch: int, slots: int) -> float:
 
 
 def rl_step_flops(config, rows: int, prompt_len: int, completion: int, patches: int, group_size: int,
-                  train_vision: bool = False, reference: bool = True) -> dict[str, float]:
+                  train_vision: bool = False, reference: bool = True,
+                  frozen_decoder: bool = False) -> dict[str, float]:
   """Model FLOPs of one RL step on `rows` rollouts (rows / group_size prompts) padded to `prompt_len` prompt tokens
   with `completion` generated tokens and `patches` patches per image.
 
@@ -73,7 +74,9 @@ def rl_step_flops(config, rows: int, prompt_len: int, completion: int, patches: 
   `decode_step_flops` per generated token (the masked cache is read in full: T + N slots); reference: the forward
   of the log-prob pass; update: forward + backward (`train_step_flops`). The policy passes run the vision tower
   once per group (`train_step.shared_prompt_hidden`); their decoder is counted over full rows, an over-count of the
-  shared prompt's (G - 1) / G repeats.
+  shared prompt's (G - 1) / G repeats. frozen_decoder (LoRA): the decoder's own weights take no gradient, so its
+  backward is the activation gradients alone and the update two forwards instead of three (the adapters' FLOPs,
+  rank / width of the projections', are not counted).
   """
   text = config.text
   slots = prompt_len + completion
@@ -85,13 +88,14 @@ def rl_step_flops(config, rows: int, prompt_len: int, completion: int, patches: 
   vision_once = vision / group_size  # the policy and reference passes see each group's image once (shared prompt)
   out = {"prefill": float(prefill), "decode": completion * decode_step_flops(config, rows, slots),
          "reference": text_forward + vision_once if reference else 0.0,
-         "update": 3.0 * text_forward + (3.0 if train_vision else 1.0) * vision_once}
+         "update": (2.0 if frozen_decoder else 3.0) * text_forward + (3.0 if train_vision else 1.0) * vision_once}
   out["total"] = sum(out.values())
   return out
 
 
 # bf16 dense peak FLOP/s per chip, by jax's device_kind (vendor data sheets; no sparsity).
-PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+PEAK_FLOPS = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H100 PCIe": 756e12,
+              "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12,
               "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
 
@@ -121,11 +125,12 @@ def peak_memory_bytes() -> float:
 
 def step_metrics(config, *, rows: int, prompt_len: int, decode_steps: int, patches: int, group_size: int,
                  train_vision: bool, reference: bool, tokens: float, seconds: float, devices: int,
-                 peak_flops: float) -> dict[str, float]:
+                 peak_flops: float, frozen_decoder: bool = False) -> dict[str, float]:
   """One RL step's throughput metrics: tokens/s per device (`tokens`: real prompt + completion tokens), the step's
   model TFLOPs (`rl_step_flops` on the padded shapes it ran), MFU against `peak_flops` per device (NaN when unknown)
   and the peak device memory in GiB (NaN where the backend does not report it)."""
-  flops = rl_step_flops(config, rows, prompt_len, decode_steps, patches, group_size, train_vision, reference)
+  flops = rl_step_flops(config, rows, prompt_len, decode_steps, patches, group_size, train_vision, reference,
+                        frozen_decoder)
   return {"throughput/tokens_per_s_per_device": tokens / seconds / devices,
           "throughput/model_tflops": flops["total"] / 1e12,
           "throughput/mfu": flops["total"] / (seconds * devices * peak_flops),

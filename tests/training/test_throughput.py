@@ -25,6 +25,11 @@ def test_rl_step_flops_add_up_by_phase():
   assert flops["update"] - rows * vision / g == pytest.approx(3 * (flops["reference"] - rows * vision / g))
   assert flops["total"] == pytest.approx(sum(v for k, v in flops.items() if k != "total"))
   assert throughput.rl_step_flops(CONFIG, rows, prompt, steps, patches, g, reference=False)["reference"] == 0
+  # LoRA: the decoder's weight gradients are skipped, its backward is one forward's FLOPs (activation gradients).
+  lora = throughput.rl_step_flops(CONFIG, rows, prompt, steps, patches, g, frozen_decoder=True)
+  assert lora["update"] - rows * vision / g == pytest.approx(2 * (flops["reference"] - rows * vision / g))
+  assert {k: v for k, v in lora.items() if k not in ("update", "total")} == {
+      k: v for k, v in flops.items() if k not in ("update", "total")}
   # ~6 x 3.1B parameters x 147k tokens for the update alone: the counts are of the model's size.
   assert 2e15 < flops["update"] < 8e15
 
