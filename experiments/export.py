@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 import cli  # noqa: F401  (puts configs/ and the repository on sys.path)
+import noisygrpo  # configs/noisygrpo.py
 from noisygrpo_jax import atomic_io
 from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, save_hf
 from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib
@@ -42,13 +43,18 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config.json a run wrote into `workdir`, with train.workdir pointing at `workdir` (where the run is now)."""
+  """The config.json a run wrote into `workdir`, with train.workdir pointing at `workdir` (where the run is now).
+
+  Fields the run's config.json predates (written by an older version of the code) keep today's defaults
+  (`configs/noisygrpo.py:base_config`, which the SFT and GRPO configs extend).
+  """
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file; --workdir must be a run's train.workdir (it holds config.json "
                             "and checkpoints/, written by experiments/train.py or sft.py)")
+  config = noisygrpo.base_config()
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config.update(json.load(f))
   config.train.workdir = workdir
   return config
 

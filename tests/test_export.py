@@ -128,6 +128,20 @@ def test_a_missing_step_or_run_names_the_path_and_the_fix(trained, tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+def test_a_config_json_older_than_todays_fields_loads_with_their_defaults(trained, tmp_path):
+  with open(os.path.join(trained.train.workdir, "config.json")) as f:
+    stored = json.load(f)
+  del stored["lora"], stored["rl"]["filter_groups"]  # fields added after the run was written
+  os.makedirs(tmp_path / "old")
+  with open(tmp_path / "old" / "config.json", "w") as f:
+    json.dump(stored, f)
+  config = export_lib.load_run_config(str(tmp_path / "old"))
+  assert config.lora.rank == 0 and config.rl.filter_groups == "none"
+  assert config.train.workdir == str(tmp_path / "old")
+  assert config.data.prompt_buckets == tuple(trained.data.prompt_buckets)  # the run's own values stay
+  assert config.optim.freeze_vision and config.model.compute_dtype == "bfloat16"
+
+
 def test_checkpoint_tokenizer_files_are_copied_and_a_template_added_only_when_missing(tmp_path):
   tokenizer = tokenizer_lib.word_level_tokenizer(["circle"], 64)
   source = tmp_path / "checkpoint"
