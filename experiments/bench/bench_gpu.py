@@ -289,9 +289,9 @@ def sanity_lines(r: dict, device: str) -> list[str]:
 
 
 class RecipeRun:
-  """The recipe on one device, assembled as training/loops.run_rl does (setup.py needs ml_collections and tfds):
-  examples and tokenizer, the memory plan, the train state in the dtype policy, the reference copy, the jitted
-  reference log-probs and train step."""
+  """The recipe on one device, assembled as training/loops.run_rl does (setup.py needs ml_collections and tfds, so
+  the parts come from the modules it calls): examples and tokenizer, the memory plan, the train state in the dtype
+  policy (`train_step.init_train_state`), the reference copy, the jitted reference log-probs and train step."""
 
   def __init__(self, args, recipe: Recipe):
     self.recipe, self.seed = recipe, args.seed
@@ -313,25 +313,18 @@ class RecipeRun:
         self.rollout_cfg.sampling, prefill_micro_batches=self.prefill_micro_batches))
 
     log(f"building {'the tiny model' if args.smoke else 'Qwen2.5-VL-3B'} with random {recipe.dtype} weights")
-    graphdef, model_state = nnx.split(nnx.jit(lambda: Qwen25VL(self.config, nnx.Rngs(args.seed)))())
-    self.graphdef = graphdef
     optimizer = optimizer_lib.make_optimizer(optimizer_lib.learning_rate_schedule(recipe.learning_rate,
                                                                                   recipe.steps))
-    self.state_sh = ts.state_shardings(model_state, optimizer, self.mesh, freeze_vision=True)
-    trainable, frozen = params_lib.partition(nnx.to_pure_dict(model_state), freeze_vision=True)
-    del model_state
-    trainable = jax.device_put(trainable, self.state_sh.params)
-    frozen = jax.device_put(params_lib.cast(frozen, recipe.compute_dtype), self.state_sh.frozen)
-    opt_state = jax.jit(optimizer.init, out_shardings=self.state_sh.opt_state)(trainable)
-    self.state = ts.TrainState(step=jax.device_put(np.int32(0), self.state_sh.step), params=trainable,
-                               opt_state=opt_state, frozen=frozen)
-    self.reference = params_lib.copy_as(trainable, recipe.compute_dtype)
-    del trainable, frozen, opt_state
+    train_setup, self.state = ts.init_train_state(nnx.jit(lambda: Qwen25VL(self.config, nnx.Rngs(args.seed)))(),
+                                                  optimizer, self.mesh, compute_dtype=recipe.compute_dtype,
+                                                  freeze_vision=True)
+    self.graphdef, self.state_sh = train_setup.graphdef, train_setup.state_shardings
+    self.reference = params_lib.copy_as(self.state.params, recipe.compute_dtype)
     jax.block_until_ready((self.state, self.reference))
 
     self.loss_cfg = ts.LossConfig(beta=recipe.beta, compute_dtype=recipe.compute_dtype, group_size=recipe.group_size)
-    self.step_fn = ts.make_train_step(graphdef, optimizer, self.loss_cfg, self.micro_batches)
-    self.logps = jax.jit(ts.logps_fn(graphdef, self.loss_cfg.chunk_size, recipe.group_size, self.micro_batches))
+    self.step_fn = ts.make_train_step(self.graphdef, optimizer, self.loss_cfg, self.micro_batches)
+    self.logps = jax.jit(ts.logps_fn(self.graphdef, self.loss_cfg.chunk_size, recipe.group_size, self.micro_batches))
     self.jitted_step = None  # made from the first batch's shardings
     log("model and train state built")
 

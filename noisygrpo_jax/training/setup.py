@@ -10,7 +10,6 @@ import os
 from typing import Callable, TypeVar
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -21,7 +20,7 @@ from noisygrpo_jax.processing import chat_template, image as image_lib, tokenize
 from noisygrpo_jax.rl import rewards as rewards_lib
 from noisygrpo_jax.sampling import sampler
 from noisygrpo_jax.training import optimizer as optimizer_lib
-from noisygrpo_jax.training import memory, params as params_lib, rollouts, train_step
+from noisygrpo_jax.training import memory, rollouts, train_step
 
 T = TypeVar("T")
 
@@ -271,26 +270,6 @@ def loss_config(config, kind: str = "grpo") -> train_step.LossConfig:
                                group_size=1 if kind == "sft" else rl.group_size)
 
 
-@dataclasses.dataclass
-class TrainSetup:
-  """The model's graph, the optimizer and the train state's shardings of a run."""
-
-  graphdef: nnx.GraphDef
-  optimizer: object
-  state_shardings: train_step.TrainState
-  compute_dtype: str  # model.compute_dtype: the frozen parameters', the rollout copy's and the reference's dtype
-  freeze_vision: bool
-  adapters_only: bool  # lora.rank > 0: only the decoder's adapters train
-
-  def split_params(self, params: dict) -> tuple[dict, dict]:
-    """A full parameter tree -> (trainable in their dtype, frozen in the compute dtype), placed on the mesh with
-    the state's shardings (training.params)."""
-    trainable, frozen = params_lib.partition(params, self.freeze_vision, self.adapters_only)
-    frozen = params_lib.cast(frozen, self.compute_dtype)
-    return (jax.device_put(trainable, self.state_shardings.params),
-            jax.device_put(frozen, self.state_shardings.frozen))
-
-
 def learning_rate_schedule(config, updates_per_step: int = 1):
   """optim.* as a function of the optimizer update count: warmup over optim.warmup_steps updates, then the decay
   over the run's train.steps x updates_per_step updates."""
@@ -300,21 +279,15 @@ def learning_rate_schedule(config, updates_per_step: int = 1):
 
 
 def train_setup(config, model: Qwen25VL, mesh, updates_per_step: int = 1
-                ) -> tuple[TrainSetup, train_step.TrainState]:
-  """The optimizer and the sharded train state of `model`'s parameters (split by training.params' dtype policy).
+                ) -> tuple[train_step.TrainSetup, train_step.TrainState]:
+  """The optimizer (optim.*) and the sharded train state of `model`'s parameters (`train_step.init_train_state`).
 
   updates_per_step: optimizer updates per training step (rl.num_iterations for RL), so the learning-rate schedule
   spans train.steps x updates_per_step updates.
   """
-  graphdef, model_state = nnx.split(model)
   o = config.optim
   optimizer = optimizer_lib.make_optimizer(learning_rate_schedule(config, updates_per_step),
                                            weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps,
                                            max_grad_norm=o.max_grad_norm)
-  adapters_only = lora_config(config).rank > 0
-  shardings = train_step.state_shardings(model_state, optimizer, mesh, o.freeze_vision, adapters_only)
-  init = jax.jit(optimizer.init, out_shardings=shardings.opt_state)
-  result = TrainSetup(graphdef, optimizer, shardings, config.model.compute_dtype, o.freeze_vision, adapters_only)
-  trainable, frozen = result.split_params(nnx.to_pure_dict(model_state))
-  return result, train_step.TrainState(step=jax.device_put(np.int32(0), shardings.step), params=trainable,
-                                       opt_state=init(trainable), frozen=frozen)
+  return train_step.init_train_state(model, optimizer, mesh, compute_dtype=config.model.compute_dtype,
+                                     freeze_vision=o.freeze_vision, adapters_only=lora_config(config).rank > 0)

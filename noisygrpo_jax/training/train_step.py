@@ -283,6 +283,39 @@ def state_shardings(abstract_model_state, optimizer, mesh: Mesh, freeze_vision: 
                     opt_state=sharding.tree_shardings_like(abstract_opt, trainable_sh, mesh), frozen=frozen_sh)
 
 
+@dataclasses.dataclass
+class TrainSetup:
+  """The model's graph, the optimizer and the train state's shardings of a run."""
+
+  graphdef: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  state_shardings: TrainState
+  compute_dtype: str  # model.compute_dtype: the frozen parameters', the rollout copy's and the reference's dtype
+  freeze_vision: bool
+  adapters_only: bool  # lora.rank > 0: only the decoder's adapters train
+
+  def split_params(self, params: dict) -> tuple[dict, dict]:
+    """A full parameter tree -> (trainable in their dtype, frozen in the compute dtype), placed on the mesh with
+    the state's shardings (training.params)."""
+    trainable, frozen = params_lib.partition(params, self.freeze_vision, self.adapters_only)
+    frozen = params_lib.cast(frozen, self.compute_dtype)
+    return (jax.device_put(trainable, self.state_shardings.params),
+            jax.device_put(frozen, self.state_shardings.frozen))
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, mesh: Mesh, *, compute_dtype: str,
+                     freeze_vision: bool, adapters_only: bool = False) -> tuple[TrainSetup, TrainState]:
+  """The sharded train state of `model`'s parameters at step 0, split by training.params' dtype policy (trainable
+  ones in their dtype with fresh optimizer moments, frozen ones cast to `compute_dtype`), and its TrainSetup."""
+  graphdef, model_state = nnx.split(model)
+  shardings = state_shardings(model_state, optimizer, mesh, freeze_vision, adapters_only)
+  result = TrainSetup(graphdef, optimizer, shardings, compute_dtype, freeze_vision, adapters_only)
+  trainable, frozen = result.split_params(nnx.to_pure_dict(model_state))
+  opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(trainable)
+  return result, TrainState(step=jax.device_put(np.int32(0), shardings.step), params=trainable,
+                            opt_state=opt_state, frozen=frozen)
+
+
 def jit_train_step(step_fn, state_sh: TrainState, batch_sh: TokenBatch, mesh: Mesh) -> Callable:
   """`step_fn` under jax.jit with explicit in/out shardings, the state donated except its frozen parameters.
 
