@@ -40,7 +40,8 @@ def slice_3b(vocab_size: int) -> cfg.Qwen25VLConfig:
 
 def train_batch(config, rows: int, grid, text_len, completion: int, seed: int = 0):
   """A TokenBatch of `rows` rows: left-padded prompt (text, one image, text) + a random completion, with
-  advantages and reference log-probs (numpy, host side). Imports its helpers when called: the prompt layout of
+  advantages and reference log-probs (numpy, host side); the pixels are uint8 levels, as the trainer's batches carry
+  them (`setup.image_config`). Imports its helpers when called: the prompt layout of
   tests/models/hf_reference.py needs torch, which bench_gpu.py (importing this module) must not."""
   from noisygrpo_jax.models.qwen2_5_vl import host
   from noisygrpo_jax.processing.collate import PromptBatch
@@ -49,7 +50,7 @@ def train_batch(config, rows: int, grid, text_len, completion: int, seed: int = 
   rng = np.random.default_rng(seed)
   ids, mask = ref.left_pad([ref.prompt(config, rng, [("image", grid)], text_len) for _ in range(rows)])
   grids = np.asarray([grid] * rows, np.int64)
-  pv = ref.pixels(rng, grids, config)
+  pv = rng.integers(0, 256, (rows * int(np.prod(grid)), config.vision.patch_dim), dtype=np.uint8)
   position_ids, rope_deltas = host.mrope_position_ids(ids, config, mask, grids)
   rows_vision = [([x], [tuple(g)]) for x, g in zip(np.split(pv, rows), grids)]
   vision = host.pack_vision_batch(rows_vision, config.vision, int(np.prod(grid)))
