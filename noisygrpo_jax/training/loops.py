@@ -143,6 +143,7 @@ class Run:
     self.reference_params = (params_lib.copy_as(initial_params, config.model.compute_dtype) if needs_reference
                              else None)
     self._rollout_params = None  # the rollout copy of the current policy, made on first use after each update
+    self._replicated_base = None  # with LoRA and replicated rollouts: the frozen base decoder on every device
     self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, resume_step=self.step)
     self.order = DataOrder(len(self.train_examples), config.train.seed)
     self.key = jax.random.key(config.train.seed)
@@ -188,13 +189,20 @@ class Run:
 
     "replicated": every device holds the whole copy, so with the rows split over the devices the decode loop needs
     no collective but its all-rows stop check (tests/sampling); "train": the training layout (FSDP: each layer's
-    weights are all-gathered for every generated token).
+    weights are all-gathered for every generated token). With LoRA the decode loop reads the frozen base decoder
+    too: "replicated" also holds one replicated copy of it, made once (the base never changes), next to the state's
+    sharded one.
     """
     if self._rollout_params is None:
-      copy = params_lib.cast(self.state.params, self.config.model.compute_dtype)
+      copy, frozen = params_lib.cast(self.state.params, self.config.model.compute_dtype), self.state.frozen
       if self.config.rl.rollout_weights == "replicated" and self.mesh.size > 1:
-        copy = jax.device_put(copy, NamedSharding(self.mesh, PartitionSpec()))
-      self._rollout_params = params_lib.combine(copy, self.state.frozen)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        copy = jax.device_put(copy, replicated)
+        if self.setup.adapters_only:
+          if self._replicated_base is None:
+            self._replicated_base = jax.device_put({k: v for k, v in frozen.items() if k != "visual"}, replicated)
+          frozen = {**frozen, **self._replicated_base}
+      self._rollout_params = params_lib.combine(copy, frozen)
     return self._rollout_params
 
   def place_prompts(self, prompts):
@@ -224,7 +232,7 @@ class Run:
     """Replaces the policy's parameters by a full tree (e.g. after vision pretraining), split as the run splits."""
     trainable, frozen = self.setup.split_params(params)
     self.state = self.state.replace(params=trainable, frozen=frozen)
-    self._rollout_params = None
+    self._rollout_params = self._replicated_base = None
 
   def examples_at(self, position: int, count: int) -> list[dict]:
     """The `count` training examples from data position `position` on."""

@@ -15,7 +15,8 @@ the activations are those of full fine-tuning with a frozen vision tower (the ba
   Held by one phase of a step:
   rollout copy         rollouts and reference log-probs: the trainable parameters in the compute dtype (none when it
                        is model.dtype: the rollouts then read the master weights); whole on every device with
-                       rl.rollout_weights="replicated" on more than one parameter shard
+                       rl.rollout_weights="replicated" on more than one parameter shard, and with LoRA then also
+                       the base decoder (embeddings, decoder, LM head) whole on every device
   KV cache             rollouts, exactly the sampler's: 2 x layers x B/(data x fsdp) x (T + N) x kv_heads x head_dim
   prefill activations  rollouts, AN ESTIMATE of the prefill's largest transient (`forward_layer_bytes`): one
                        decoder layer over T tokens or one full-attention vision block, the larger, for the
@@ -347,8 +348,8 @@ def estimate(config: Qwen25VLConfig, run: RunShape, mesh_shape: Mapping[str, int
       optimizer=2 * trainable_bytes,
       frozen=_per_device(frozen * compute_itemsize, param_shards),
       reference=trainable_compute if run.reference else 0,
-      rollout_copy=(trainable * compute_itemsize if run.rollout_replicated and param_shards > 1
-                    else trainable_compute if mixed else 0),
+      rollout_copy=((trainable + (counts["text"] if lora else 0)) * compute_itemsize
+                    if run.rollout_replicated and param_shards > 1 else trainable_compute if mixed else 0),
       kv_cache=kv_cache_bytes(config, rollout_rows, run.prompt_len + run.max_new_tokens, compute_itemsize),
       prefill_decoder=forward_layer_bytes(prefill_rows, run.prompt_len, run.prompt_len + run.max_new_tokens,
                                           t.hidden_size, t.intermediate_size, t.num_attention_heads,

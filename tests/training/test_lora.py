@@ -5,7 +5,9 @@ of the tiny preset moves away from the base without touching it, learns a reward
 import dataclasses
 import os
 import shutil
+import subprocess
 import sys
+import textwrap
 import zlib
 
 import jax
@@ -25,8 +27,8 @@ from noisygrpo_jax.training import params as params_lib, setup, train_step as ts
 from tests.models import hf_reference as ref
 from tests.training import helpers
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                "experiments"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import export as export_lib  # noqa: E402  pylint: disable=wrong-import-position
 
 LORA = model_config.LoraConfig(rank=4, alpha=8.0)
@@ -165,6 +167,10 @@ def test_memory_estimate_counts_adapters_as_the_trainable_state_and_the_base_onc
   assert est.master == nbytes(trainable) and est.optimizer == 2 * nbytes(trainable)
   assert est.reference == est.rollout_copy == est.compute_copy == nbytes(trainable, "bfloat16")
   assert est.frozen == nbytes(frozen, "bfloat16") and not est.vision_trains
+  # Replicated rollouts over 4 parameter shards hold the adapters and the base decoder whole on every device.
+  replicated = memory.estimate(CONFIG, dataclasses.replace(run, rollout_replicated=True), {"fsdp": 4})
+  base_decoder = {k: v for k, v in frozen.items() if k != "visual"}
+  assert replicated.rollout_copy == nbytes(trainable, "bfloat16") + nbytes(base_decoder, "bfloat16")
   full = memory.estimate(helpers.CONFIG, run, ONE_DEVICE)
   assert full.vision_trains and est.master < full.master / 20
 
@@ -225,6 +231,34 @@ def test_the_reference_model_is_the_base_with_no_copy_of_it(tmp_path, data_dir):
   assert all(np.array_equal(rollout[p], x) for p, x in _flat(run.state.params).items())
   assert buffers(run.rollout_params()["visual"]) == buffers(run.state.frozen["visual"])
   run.close({}, run.progress_bar("lora"))
+
+
+def test_replicated_rollouts_hold_the_base_decoder_whole_on_every_device(tmp_path, data_dir):
+  """8 devices (fsdp=8), rl.rollout_weights="replicated": what the decode loop reads is whole on every device, the
+  adapters' rollout copy and a copy of the frozen base decoder made once (so the loop gathers no weight; the
+  replicated layout's loop is counted in tests/sampling), while the state keeps the base sharded."""
+  script = textwrap.dedent("""
+      import os, sys
+      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+      import jax
+      from noisygrpo_jax.training import loops
+      from tests.training import test_lora as T
+      run = loops.Run(T._config(sys.argv[1], sys.argv[2]), "rl")
+      assert run.mesh.size == 8 and run.config.rl.rollout_weights == "replicated"
+      leaves = jax.tree_util.tree_leaves_with_path(run.rollout_params())
+      decode = [(p, x) for p, x in leaves if p[0].key != "visual"]  # the vision tower runs in the prefill only
+      assert decode and all(x.sharding.is_fully_replicated for _, x in decode), [
+          jax.tree_util.keystr(p) for p, x in decode if not x.sharding.is_fully_replicated]
+      assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(run.state.frozen["language_model"]))
+      base = run._replicated_base
+      run._rollout_params = None  # as after an update: a new adapters' copy, the same base copy
+      run.rollout_params()
+      assert run._replicated_base is base
+      print("REPLICATED_OK")
+      """)
+  result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), str(data_dir)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert "REPLICATED_OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_a_lora_rl_run_moves_away_from_the_base_without_touching_it_and_resumes_bitwise(tmp_path, data_dir):
