@@ -30,10 +30,10 @@ def run(config):
     params = setup.sampling_params(config, trained.tokenizer, greedy=True)
     model = trained.model()
     # The run's batch rows split over its mesh; benchmark prompts pad to their batch's longest, not the data buckets.
-    batching = {k: trained.eval_batching()[k] for k in ("batch_size", "place")}
+    batching = trained.eval_batching()
     results = {f"eval/{FLAGS.benchmark}/{k}": v for k, v in evaluate.evaluate_split(
-        model, trained.tokenizer, examples[FLAGS.benchmark](), params,
-        setup.image_config(config, model.config.vision), **batching).items()}
+        model, trained.tokenizer, examples[FLAGS.benchmark](), params, setup.image_config(config, model.config.vision),
+        batch_size=batching["batch_size"], place=batching["place"]).items()}
   else:
     results = trained.evaluate(FLAGS.splits)
   print(json.dumps({"step": trained.step, **results}, indent=2))

@@ -143,7 +143,7 @@ class Run:
     self.reference_params = (params_lib.copy_as(initial_params, config.model.compute_dtype) if needs_reference
                              else None)
     self._rollout_params = None  # the rollout copy of the current policy, made on first use after each update
-    self._replicated_base = None  # with LoRA and replicated rollouts: the frozen base decoder on every device
+    self._replicated_frozen = None  # replicated rollouts: the frozen parameters but the vision tower, on every device
     self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, resume_step=self.step)
     self.order = DataOrder(len(self.train_examples), config.train.seed)
     self.key = jax.random.key(config.train.seed)
@@ -189,19 +189,18 @@ class Run:
 
     "replicated": every device holds the whole copy, so with the rows split over the devices the decode loop needs
     no collective but its all-rows stop check (tests/sampling); "train": the training layout (FSDP: each layer's
-    weights are all-gathered for every generated token). With LoRA the decode loop reads the frozen base decoder
-    too: "replicated" also holds one replicated copy of it, made once (the base never changes), next to the state's
-    sharded one.
+    weights are all-gathered for every generated token). The frozen parameters the decode loop reads (all but the
+    vision tower: with LoRA the base decoder, otherwise none) get one replicated copy too, made once (they never
+    change), next to the state's sharded ones.
     """
     if self._rollout_params is None:
       copy, frozen = params_lib.cast(self.state.params, self.config.model.compute_dtype), self.state.frozen
       if self.config.rl.rollout_weights == "replicated" and self.mesh.size > 1:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         copy = jax.device_put(copy, replicated)
-        if self.setup.adapters_only:
-          if self._replicated_base is None:
-            self._replicated_base = jax.device_put({k: v for k, v in frozen.items() if k != "visual"}, replicated)
-          frozen = {**frozen, **self._replicated_base}
+        if self._replicated_frozen is None:
+          self._replicated_frozen = jax.device_put({k: v for k, v in frozen.items() if k != "visual"}, replicated)
+        frozen = {**frozen, **self._replicated_frozen}
       self._rollout_params = params_lib.combine(copy, frozen)
     return self._rollout_params
 
@@ -232,7 +231,7 @@ class Run:
     """Replaces the policy's parameters by a full tree (e.g. after vision pretraining), split as the run splits."""
     trainable, frozen = self.setup.split_params(params)
     self.state = self.state.replace(params=trainable, frozen=frozen)
-    self._rollout_params = self._replicated_base = None
+    self._rollout_params = self._replicated_frozen = None
 
   def examples_at(self, position: int, count: int) -> list[dict]:
     """The `count` training examples from data position `position` on."""
@@ -482,7 +481,7 @@ def run_rl(config, max_steps: int | None = None) -> dict[str, float]:
                     decode_steps=int(r.metrics["decode/steps"]),
                     patches=0 if batch.vision is None else batch.vision.pixel_values.shape[1],
                     group_size=c.rl.group_size, train_vision=not c.optim.freeze_vision,
-                    reference=run.reference_params is not None, frozen_decoder=c.lora.rank > 0)
+                    reference=run.reference_params is not None, frozen_decoder=run.setup.adapters_only)
       last = {**r.metrics, **{f"train/{k}": v for k, v in train_metrics.items()},
               "time/reference": t1 - t0, "time/train": t2 - t1, "time/step": t2 - start,
               "time/host_work": prepared.seconds,  # made in the background with data.prefetch_rollouts

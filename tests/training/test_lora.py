@@ -250,10 +250,10 @@ def test_replicated_rollouts_hold_the_base_decoder_whole_on_every_device(tmp_pat
       assert decode and all(x.sharding.is_fully_replicated for _, x in decode), [
           jax.tree_util.keystr(p) for p, x in decode if not x.sharding.is_fully_replicated]
       assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(run.state.frozen["language_model"]))
-      base = run._replicated_base
+      base = run._replicated_frozen
       run._rollout_params = None  # as after an update: a new adapters' copy, the same base copy
       run.rollout_params()
-      assert run._replicated_base is base
+      assert run._replicated_frozen is base
       print("REPLICATED_OK")
       """)
   result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), str(data_dir)], capture_output=True,
