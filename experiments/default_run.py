@@ -32,6 +32,9 @@ flags.DEFINE_list("seeds", ["42"], "RL seeds; each method runs once per seed.")
 flags.DEFINE_integer("rl_steps", 0, "RL steps (0 = the tiny preset's).")
 flags.DEFINE_float("vision_noise_fraction", None, "Warm start: vision_pretrain.noise_fraction (default: the sft "
                    "preset's 0.5; 0 = clean pretraining images, the ablation in results/compare_clean_vision_pretraining).")
+flags.DEFINE_bool("scan_layers", False, "model.scan_layers of the warm start and the RL runs. False (unrolled): these "
+                  "4 decoder layers and 4 vision blocks train 15% faster and decode 10% faster on a 2-core CPU than "
+                  "scanned, for ~1 s more compile per program; True: the presets' scan.")
 
 EVAL_SPLITS = ("test", "ood", "hallucination", "robustness")
 
@@ -48,6 +51,7 @@ def rl_config(method: str, seed: int, workdir: str, warm_start: str):
     c.train.init_from = warm_start
     c.train.eval_splits = EVAL_SPLITS
     c.data.data_dir = os.path.join(FLAGS.root, "data")
+    c.model.scan_layers = FLAGS.scan_layers
     if FLAGS.rl_steps:
       c.train.steps = FLAGS.rl_steps
       c.train.eval_every = FLAGS.rl_steps
@@ -65,6 +69,7 @@ def main(argv):
     warm.train.workdir = os.path.join(FLAGS.root, "sft")
     warm.data.data_dir = os.path.join(FLAGS.root, "data")
     warm.train.eval_every = 0
+    warm.model.scan_layers = FLAGS.scan_layers
     if FLAGS.vision_noise_fraction is not None:
       warm.vision_pretrain.noise_fraction = FLAGS.vision_noise_fraction
   loops.run_sft(warm)  # resumes, so a finished warm start is reused as is
