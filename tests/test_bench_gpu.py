@@ -70,8 +70,8 @@ def test_smoke_runs_every_part_without_the_packages_the_gpu_machines_lack(tmp_pa
     assert values and all(math.isfinite(v) for v in values), (part, results[part])
   assert results["sanity"]["passed"]
   decode, rl = results["decode"], results["rl"]
-  assert set(decode) == {"scan", "unrolled", "unrolled_over_scan"} and decode["unrolled_over_scan"] > 0
-  for layers in ("scan", "unrolled"):
+  assert set(decode) == {"unstacked", "scan", "unstacked_over_scan"} and decode["unstacked_over_scan"] > 0
+  for layers in ("unstacked", "scan"):
     d = decode[layers]
     assert d["layers"] == layers and d["tokens_per_s"] > 0
     assert 0 < d["hbm_roofline_fraction"] <= d["hbm_roofline_fraction_all_slots"]

@@ -39,7 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg  # noqa: E402
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, unstacked_decoder  # noqa: E402
 from noisygrpo_jax.sampling import sampler as S  # noqa: E402
 
 MD_BEGIN, MD_END = "<!-- bench_generate:begin -->", "<!-- bench_generate:end -->"
@@ -67,11 +67,12 @@ def make_prompts(config, batch: int, grid, text_len, seed: int = 0):
 
 
 class OursGenerate:
-  """sampler.prefill then sampler.decode, each timed to completion."""
+  """sampler.prefill then sampler.decode, each timed to completion, from the layout `sampler.generate` decodes from
+  (the decoder layers unstacked: `unstacked_decoder`)."""
 
   def __init__(self, model: Qwen25VL, ids, mask, pv, grids, params: S.SamplingParams):
     self.model, self.raw, self.params = model, (ids, mask, pv, grids), params
-    self.graphdef, self.state = nnx.split(model)
+    self.graphdef, self.state = nnx.split(unstacked_decoder(model))
     self.prompts = jax.device_put(self.host_prep())
     self.prompt_len = ids.shape[1]
     self.key = jax.random.key(0)

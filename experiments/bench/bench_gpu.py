@@ -10,11 +10,11 @@ as soon as it is measured, so a run cut short keeps what it had:
           the tolerance the script exits non-zero after the other parts.
   decode  the rollouts of one step of configs/noisygrpo.py:qwen2_5_vl_3b (16 prompts x 4 noise levels = 64 rows, 256
           new tokens, top-k 50 sampling) from the bfloat16 rollout copy: decode tokens/s and the fraction of the HBM
-          roofline (bytes one decode step reads: bf16 weights + KV cache, over the card's bandwidth), with the decode
-          loop's layers scanned (the preset's scan_layers: the loop body slices each layer's weights and KV cache out
-          of the stacked arrays, which may cost HBM traffic) and unrolled (the same weights under a graphdef of
-          config.replace(scan_layers=False)), and the ratio of their tokens/s. --decode-layers picks; each compiles
-          the decode loop once; the prefill runs scanned in both. The rl part runs the preset's (scanned).
+          roofline (bytes one decode step reads: bf16 weights + KV cache, over the card's bandwidth), with the
+          decoder layers unstacked (what `sampler.generate` and the trainer decode from: one array per weight and one
+          KV cache per layer, `unstacked_decoder`) and stacked and scanned (the training layout: each step slices
+          every layer's weights and cache out of the stacks), and the ratio of their tokens/s. --decode-layers
+          picks; each compiles prefill and the decode loop once. The rl part decodes as the trainer does.
   rl      one full RL step of that recipe, run twice and the second reported (the first compiles): host prep (noise
           levels, noisy copies at native resolution, image processing, prompts, collation), rollout copy, prefill,
           decode, reward + advantages, reference log-probs, train step; the step's MFU and each phase's, the peak
@@ -32,7 +32,7 @@ It imports only what the GPU machines have (jax, flax, optax, orbax, numpy, tran
 ml_collections (the preset's numbers are copied into `Recipe`; tests/test_bench_gpu.py checks them against it), no
 tensorflow-datasets, torch or tqdm.
 
-  python experiments/bench/bench_gpu.py [--parts sanity,decode,rl] [--decode-layers scan,unrolled]
+  python experiments/bench/bench_gpu.py [--parts sanity,decode,rl] [--decode-layers unstacked,scan]
                                         [--out bench_gpu.json] [--peak-flops 989e12] [--peak-bandwidth 3.35e12]
   python experiments/bench/bench_gpu.py --smoke     # tiny configs on CPU, the same code paths (< 1 min)
 """
@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
@@ -75,7 +76,7 @@ from noisygrpo_jax.training import rollouts, throughput, train_step as ts  # noq
 
 GIB = 1024**3
 PARTS = ("sanity", "decode", "rl")
-DECODE_LAYERS = ("scan", "unrolled")  # how the decode part's loop runs the layers: config.scan_layers True / False
+DECODE_LAYERS = ("unstacked", "scan")  # the decode part's layers: one array per layer (generate's), or stacked
 START = time.perf_counter()
 
 # HBM bandwidth per card in B/s, by jax's device_kind (longest prefix wins; vendor data sheets). The bf16 dense peaks
@@ -358,15 +359,26 @@ class RecipeRun:
     return jax.device_put(prompts, ts.batch_shardings(prompts, self.mesh))
 
   def rollout_params(self) -> dict:
-    """The policy as rollouts see it: a compute-dtype copy of the trainable weights and the shared frozen ones."""
+    """The policy as rollouts see it (loops.Run.rollout_params): a compute-dtype copy of the trainable weights, the
+    decoder layers one array per layer (`params.rollout_copy`), and the shared frozen ones."""
+    return params_lib.rollout_copy(self.state.params, self.state.frozen, self.recipe.compute_dtype)
+
+  def stacked_rollout_params(self) -> dict:
+    """`rollout_params` with the decoder layers left stacked (the training layout, for `graphdef`)."""
     return params_lib.combine(params_lib.cast(self.state.params, self.recipe.compute_dtype), self.state.frozen)
+
+  @functools.cached_property
+  def rollout_graphdef(self) -> nnx.GraphDef:
+    """The graphdef of `rollout_params`' model (loops.Run.model)."""
+    unstacked = lambda params: model_lib.unstacked_decoder(nnx.merge(self.graphdef, params))
+    return nnx.graphdef(nnx.eval_shape(unstacked, self.stacked_rollout_params()))
 
   def rl_step(self, step: int) -> dict:
     """One RL step as loops.run_rl runs it (inputs made in line); wall seconds per phase and the step's results."""
     start = time.perf_counter()
     prepared = self.prepare(step)
     t = time.perf_counter()
-    model = nnx.merge(self.graphdef, jax.block_until_ready(self.rollout_params()))
+    model = nnx.merge(self.rollout_graphdef, jax.block_until_ready(self.rollout_params()))
     copy_s = time.perf_counter() - t
     r = rollouts.sample_rollouts(model, self.tokenizer, self.rollout_cfg, prepared, place=self.place)
     del model  # the real loop drops the rollout copy before the update
@@ -391,38 +403,29 @@ class RecipeRun:
 # (a) decode
 
 
-def layers_graphdef(run: RecipeRun, layers: str) -> nnx.GraphDef:
-  """The graphdef of the recipe's model with its decoder layers and vision blocks run as one lax.scan ("scan") or
-  unrolled ("unrolled"): the stacked parameters are the same, so either merges with the recipe's state."""
-  scan = layers == "scan"
-  if scan == run.config.scan_layers:
-    return run.graphdef
-  return nnx.graphdef(nnx.eval_shape(lambda: Qwen25VL(run.config.replace(scan_layers=scan), nnx.Rngs(0))))
-
-
-def generate_timed(run: RecipeRun, decode_graphdef: nnx.GraphDef, state: nnx.State, prompts,
+def generate_timed(run: RecipeRun, graphdef: nnx.GraphDef, state: nnx.State, prompts,
                    key: jax.Array) -> tuple[float, float, int]:
-  """(prefill seconds, decode seconds, decode steps) of one generation of the recipe's rollouts: sampler.prefill with
-  the recipe's model (the rl part's program), then sampler.decode with `decode_graphdef`, both on the weights
-  `state` (the bf16 rollout copy); each waited for."""
+  """(prefill seconds, decode seconds, decode steps) of one generation of the recipe's rollouts: sampler.prefill then
+  sampler.decode on the weights `state` (the bf16 rollout copy) merged with `graphdef`, each waited for."""
   sampling = run.rollout_cfg.sampling
   start = time.perf_counter()
-  decode_state = jax.block_until_ready(sampler.prefill(run.graphdef, state, prompts, key, sampling))
+  decode_state = jax.block_until_ready(sampler.prefill(graphdef, state, prompts, key, sampling))
   prefill_s = time.perf_counter() - start
   start = time.perf_counter()
-  final = jax.block_until_ready(sampler.decode(decode_graphdef, state, decode_state, prompts.input_ids.shape[1],
-                                               sampling))
+  final = jax.block_until_ready(sampler.decode(graphdef, state, decode_state, prompts.input_ids.shape[1], sampling))
   return prefill_s, time.perf_counter() - start, int(final.step)  # loop iterations: until all rows stop or the budget
 
 
 def decode(run: RecipeRun, args, peaks: dict, layers: str) -> tuple[dict, list[str]]:
-  """Decode tokens/s of the recipe's rollouts from the bf16 rollout copy and the fraction of the HBM roofline, the
-  decode loop's layers `layers` ("scan" or "unrolled"). Prefill and sampling are the rl part's (shapes, parameters,
-  placement), so the scanned variant compiles its programs for it."""
+  """Decode tokens/s of the recipe's rollouts from the bf16 rollout copy and the fraction of the HBM roofline, its
+  decoder layers `layers` ("unstacked": as generate decodes; "scan": stacked, the training layout). Prompts and
+  sampling are the rl part's (shapes, parameters, placement)."""
   prepared = run.first_prompts
   prompts = run.place(prepared.prompts)
-  _, state = nnx.split(nnx.merge(run.graphdef, run.rollout_params()))  # the State sampler.generate passes
-  graphdef = layers_graphdef(run, layers)
+  if layers == "unstacked":
+    graphdef, state = nnx.split(nnx.merge(run.rollout_graphdef, run.rollout_params()))  # what generate passes
+  else:
+    graphdef, state = nnx.split(nnx.merge(run.graphdef, run.stacked_rollout_params()))
   t = time.perf_counter()
   generate_timed(run, graphdef, state, prompts, prepared.sample_key)
   first_s = time.perf_counter() - t
@@ -456,7 +459,7 @@ def decode(run: RecipeRun, args, peaks: dict, layers: str) -> tuple[dict, list[s
       f"bucket {r['prompt_len']} tokens, {run.recipe.max_new_tokens} new tokens (top-k {run.recipe.top_k}, "
       f"temperature {run.recipe.temperature}; {step_count} decode steps ran), bf16 rollout copy; median of "
       f"{args.decode_repeats} runs after a compiling one ({first_s:.1f} s)",
-      f"prefill (scanned) {r['prefill_s']:.3f} s; decode {decode_s:.3f} s (min {min(seconds):.3f}, max "
+      f"prefill {r['prefill_s']:.3f} s; decode {decode_s:.3f} s (min {min(seconds):.3f}, max "
       f"{max(seconds):.3f}): {r['tokens_per_s']:.0f} tokens/s, {r['step_ms']:.2f} ms per step",
       f"bytes read per step: bf16 weights {weights / 1e9:.3g} GB + KV cache {kv_filled / 1e9:.3g} GB filled on "
       f"average ({kv_all / 1e9:.3g} GB: all {slots} slots, what the masked attention reads)",
@@ -468,13 +471,13 @@ def decode(run: RecipeRun, args, peaks: dict, layers: str) -> tuple[dict, list[s
 
 def decode_part(run: RecipeRun, args, peaks: dict, report: Report) -> None:
   """The decode part: `decode` for each of --decode-layers, reported as each is measured; with both, the ratio of
-  their decode tokens/s (unrolled over scan)."""
+  their decode tokens/s (unstacked over scan)."""
   results = {}
   for layers in args.decode_layers:
     results[layers], lines = decode(run, args, peaks, layers)
     if set(results) == set(DECODE_LAYERS):
-      results["unrolled_over_scan"] = results["unrolled"]["tokens_per_s"] / results["scan"]["tokens_per_s"]
-      lines.append(f"unrolled / scan decode tokens/s: {results['unrolled_over_scan']:.3f}")
+      results["unstacked_over_scan"] = results["unstacked"]["tokens_per_s"] / results["scan"]["tokens_per_s"]
+      lines.append(f"unstacked / scan decode tokens/s: {results['unstacked_over_scan']:.3f}")
     report.add("decode", results, lines)
 
 
@@ -543,8 +546,8 @@ def main() -> None:
                       help="memory bandwidth of the card in B/s for the roofline (default: by device kind)")
   parser.add_argument("--decode-repeats", type=int, default=3, help="timed decode runs after the compiling one")
   parser.add_argument("--decode-layers", default=",".join(DECODE_LAYERS),
-                      help="the decode part's loop with the layers scanned, unrolled or both (comma-separated); each "
-                      "compiles the decode loop once")
+                      help="the decode part's decoder layers: unstacked (as generate decodes), stacked and scanned, "
+                      "or both (comma-separated); each compiles prefill and the decode loop once")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   parts, args.decode_layers = args.parts.split(","), args.decode_layers.split(",")

@@ -5,7 +5,8 @@ one of them full-attention) in the real presets' dtype policy (float32 master we
 frozen bf16 vision tower, remat), lowered and compiled on CPU with abstract inputs (nothing is allocated):
 - the train step (`train_step.jit_train_step`: master, moments, frozen tower, gradients, activations),
 - the reference log-probs (`train_step.logps_fn` on the bf16 reference and the shared tower),
-- the rollouts' prefill + decode loop (`sampler.prefill`, `sampler.decode` on the bf16 rollout copy).
+- the rollouts' prefill + decode loop (`sampler.prefill`, `sampler.decode` on the bf16 rollout copy, its decoder
+  layers unstacked as the trainer's is).
 XLA's figure for a program is its arguments + outputs + temporaries - aliased bytes (`memory_analysis()`); prefill
 and decode are one phase (the decode loop takes over the prefill's cache): the larger of the two programs' figures.
 One case trains LoRA adapters (lora.rank 64 on every decoder projection) instead of the decoder and LM head.
@@ -37,7 +38,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common import command_line, machine, train_batch, write_markdown  # noqa: E402
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg  # noqa: E402
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, unstacked_decoder  # noqa: E402
 from noisygrpo_jax.sampling import sampler  # noqa: E402
 from noisygrpo_jax.training import memory, optimizer as opt_lib, params as params_lib  # noqa: E402
 from noisygrpo_jax.training import train_step as ts  # noqa: E402
@@ -119,6 +120,9 @@ def lowered_programs(config, case: Case, compute: str) -> tuple[dict, int]:
                            ts.batch_shardings(batch, mesh), mesh)
   logps = jax.jit(ts.logps_fn(graphdef, loss_cfg.chunk_size, case.group_size))
   rollout = params_lib.combine(copy, frozen)
+  # What the prefill and the decode loop read (loops.Run.rollout_params): the decoder layers unstacked.
+  decoding = jax.eval_shape(lambda t, f: params_lib.rollout_copy(t, f, compute), trainable, frozen)
+  decoding_graphdef = nnx.graphdef(nnx.eval_shape(lambda p: unstacked_decoder(nnx.merge(graphdef, p)), rollout))
   prompts = sampler.PromptBatch(input_ids=jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
                                 attention_mask=jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
                                 position_ids=jax.ShapeDtypeStruct((3, rows, prompt_len), jnp.int32),
@@ -127,12 +131,12 @@ def lowered_programs(config, case: Case, compute: str) -> tuple[dict, int]:
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
 
   def decode():
-    decode_state = jax.eval_shape(sampler.prefill, graphdef, rollout, prompts, key, params)
-    return sampler.decode.lower(graphdef, rollout, decode_state, prompt_len, params)
+    decode_state = jax.eval_shape(sampler.prefill, decoding_graphdef, decoding, prompts, key, params)
+    return sampler.decode.lower(decoding_graphdef, decoding, decode_state, prompt_len, params)
 
   return {"train step": lambda: step.lower(state, batch),
           "reference log-probs": lambda: logps.lower(rollout, batch),
-          "prefill": lambda: sampler.prefill.lower(graphdef, rollout, prompts, key, params),
+          "prefill": lambda: sampler.prefill.lower(decoding_graphdef, decoding, prompts, key, params),
           "decode": decode}, prompt_len
 
 

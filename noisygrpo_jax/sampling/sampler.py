@@ -6,6 +6,11 @@ on all three axes, as transformers does during decoding.
 
 Given a mesh, prefill and decode pin their decode state to the rollout layout (`decode_state_shardings`: rows over
 the mesh's batch axes); without one they run wherever their inputs are (one device in tests and benchmarks).
+
+`generate` decodes from the model's decoder layers held one module per layer (`model.unstacked_decoder`), with one
+KV cache per layer: each step of the loop then reads every weight and cache where it lies. From stacked layers
+[layers, ...] each step would first copy every layer's weights (and cache) out of the stacks: measured on the 3B-width
+slice, ~62 of ~95 ms per step (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from noisygrpo_jax import sharding
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, stacking, unstacked_decoder
 from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
 from noisygrpo_jax.processing import collate
 from noisygrpo_jax.processing.collate import PromptBatch
@@ -59,7 +64,7 @@ class SampleOutput:
 class DecodeState:
   step: jax.Array  # int32 scalar: tokens generated so far
   logits: jax.Array  # float32 [B, V]: next-token logits
-  caches: LayerCache  # k, v [layers, B, S, K, head_dim]
+  caches: LayerCache | tuple[LayerCache, ...]  # k, v [layers, B, S, K, head_dim], or per layer [B, S, K, head_dim]
   kv_valid: jax.Array  # bool [B, S]: cache slots holding real tokens
   next_position: jax.Array  # int32 [B]: M-RoPE position of the next token (all three axes)
   done: jax.Array  # bool [B]
@@ -122,23 +127,28 @@ def sample_token(key: jax.Array, logits: jax.Array, params: SamplingParams):
   return token, logp
 
 
-def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> LayerCache:
-  """Zeroed KV caches of every decoder layer: k, v [layers, batch, slots, K, head_dim] in `dtype`."""
+def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> LayerCache | tuple[LayerCache, ...]:
+  """Zeroed KV caches of every decoder layer in `dtype`, in the form the layers take (`stacking.run_layers`): one
+  LayerCache k, v [layers, batch, slots, K, head_dim] for stacked layers, a tuple of one [batch, slots, K, head_dim]
+  per layer for a LayerList."""
   t = model.config.text
-  shape = (t.num_hidden_layers, batch, slots, t.num_key_value_heads, t.head_dim)
+  shape = (batch, slots, t.num_key_value_heads, t.head_dim)
+  if isinstance(model.language_model.layers, stacking.LayerList):
+    return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_hidden_layers))
+  shape = (t.num_hidden_layers,) + shape
   return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 def decode_state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
   """The rollout layout of a decode state on `mesh`: rows over the batch axes (sharding.LOGICAL_AXIS_RULES "batch";
-  replicated where they do not divide the B rows) on axis 0 of every [B, ...] leaf and on axis 1 of the KV cache
-  [layers, B, S, K, head_dim]; the step and the PRNG key replicated."""
+  replicated where they do not divide the B rows) on axis 0 of every [B, ...] leaf and on the B axis of the KV caches
+  ([layers, B, S, K, head_dim] or [B, S, K, head_dim]); the step and the PRNG key replicated."""
   def rows(axis: int):
     return lambda x: sharding.logical_sharding(["batch" if i == axis else None for i in range(x.ndim)], mesh, x.shape)
 
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(rows(0), state.replace(step=None, key=None, caches=None)).replace(
-      step=replicated, key=replicated, caches=jax.tree.map(rows(1), state.caches))
+      step=replicated, key=replicated, caches=jax.tree.map(lambda x: rows(x.ndim - 4)(x), state.caches))
 
 
 def _in_layout(state: DecodeState, mesh: Mesh | None) -> DecodeState:
@@ -178,7 +188,9 @@ def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: Sampl
     logits, caches = jax.lax.map(lambda parts: run(*parts),
                                  (collate.split_rows(prompts, k), kv_valid.reshape(k, b // k, slots)))
     logits = logits.reshape((b,) + logits.shape[2:])
-    caches = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape((x.shape[1], b) + x.shape[3:]), caches)
+    # [k, (layers,) b / k, S, K, head_dim] -> [(layers,) b, S, K, head_dim]
+    caches = jax.tree.map(lambda x: jnp.moveaxis(x, 0, x.ndim - 5).reshape(x.shape[1:-4] + (b,) + x.shape[-3:]),
+                          caches)
   n = params.max_new_tokens
   return _in_layout(DecodeState(
       step=jnp.zeros((), jnp.int32),
@@ -240,13 +252,16 @@ def generate(model: Qwen25VL, prompts: PromptBatch, key: jax.Array, params: Samp
              timings: dict[str, float] | None = None, mesh: Mesh | None = None) -> SampleOutput:
   """Prefill + decode. Compiles once per (batch, prompt bucket, patch bucket, sampling params, mesh).
 
+  The model's decoder layers are unstacked first (`unstacked_decoder`: a copy of their weights, held during this
+  call) unless they already are, as in the trainer's rollout copy.
+
   timings: when given, receives the wall seconds of "prefill" and "decode" (each waited for to completion).
   mesh: both programs keep the rows split over its batch axes (`decode_state_shardings`), and so do the outputs;
   default: the mesh the prompts are placed on (a NamedSharding), else none.
   """
   if mesh is None:
     mesh = getattr(getattr(prompts.input_ids, "sharding", None), "mesh", None)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(unstacked_decoder(model))
   start = time.perf_counter()
   decode_state = prefill(graphdef, state, prompts, key, params, mesh)
   if timings is not None:

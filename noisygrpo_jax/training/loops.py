@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from noisygrpo_jax import atomic_io, sharding
 from noisygrpo_jax.data import records
 from noisygrpo_jax.evaluation import evaluate
+from noisygrpo_jax.models.qwen2_5_vl import unstacked_decoder
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.rl import logprobs as logprobs_lib
 from noisygrpo_jax.training import batches, checkpointing, params as params_lib, rollouts, setup, train_step
@@ -143,7 +144,7 @@ class Run:
     self.reference_params = (params_lib.copy_as(initial_params, config.model.compute_dtype) if needs_reference
                              else None)
     self._rollout_params = None  # the rollout copy of the current policy, made on first use after each update
-    self._replicated_frozen = None  # replicated rollouts: the frozen parameters but the vision tower, on every device
+    self._rollout_graphdef = None  # the graphdef of the rollout copy's model (decoder layers unstacked)
     self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, resume_step=self.step)
     self.order = DataOrder(len(self.train_examples), config.train.seed)
     self.key = jax.random.key(config.train.seed)
@@ -183,25 +184,22 @@ class Run:
     return self.setup.split_params(params)
 
   def rollout_params(self) -> dict:
-    """The parameters rollouts and evaluation run from: the policy's trainable parameters in the compute dtype (one
-    copy per update, made here on first use), in the rollout layout (rl.rollout_weights), and the state's frozen
-    ones (shared, not copied; the vision tower runs in the prefill only, never in the decode loop).
+    """The parameters rollouts and evaluation run from (`model`): the policy's trainable parameters in the compute
+    dtype (one copy per update, made here on first use) and the state's frozen ones, in the layout decoding reads
+    (`params.decoding_copy`: the decoder layers one array per layer, so the decode loop copies no weight out of a
+    stack) and in the rollout layout (rl.rollout_weights).
 
     "replicated": every device holds the whole copy, so with the rows split over the devices the decode loop needs
     no collective but its all-rows stop check (tests/sampling); "train": the training layout (FSDP: each layer's
     weights are all-gathered for every generated token). The frozen parameters the decode loop reads (all but the
-    vision tower: with LoRA the base decoder, otherwise none) get one replicated copy too, made once (they never
-    change), next to the state's sharded ones.
+    vision tower, which runs in the prefill only and is shared: with LoRA the base decoder, otherwise none) are
+    copied with them (memory.rollout_copy_params counts what is copied), and dropped with them before the update.
     """
     if self._rollout_params is None:
-      copy, frozen = params_lib.cast(self.state.params, self.config.model.compute_dtype), self.state.frozen
-      if self.config.rl.rollout_weights == "replicated" and self.mesh.size > 1:
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        copy = jax.device_put(copy, replicated)
-        if self._replicated_frozen is None:
-          self._replicated_frozen = jax.device_put({k: v for k, v in frozen.items() if k != "visual"}, replicated)
-        frozen = {**frozen, **self._replicated_frozen}
-      self._rollout_params = params_lib.combine(copy, frozen)
+      replicated = self.config.rl.rollout_weights == "replicated" and self.mesh.size > 1
+      layout = NamedSharding(self.mesh, PartitionSpec()) if replicated else None
+      self._rollout_params = params_lib.rollout_copy(self.state.params, self.state.frozen,
+                                                     self.config.model.compute_dtype, layout)
     return self._rollout_params
 
   def place_prompts(self, prompts):
@@ -224,14 +222,18 @@ class Run:
     return self._jitted_reference_logps(self.reference(), batch)
 
   def model(self):
-    """The policy as rollouts see it (`rollout_params`)."""
-    return nnx.merge(self.setup.graphdef, self.rollout_params())
+    """The policy as rollouts see it (`rollout_params`), its decoder layers a `stacking.LayerList`."""
+    if self._rollout_graphdef is None:
+      unstacked = lambda params: unstacked_decoder(nnx.merge(self.setup.graphdef, params))
+      full = params_lib.combine(self.state.params, self.state.frozen)
+      self._rollout_graphdef = nnx.graphdef(nnx.eval_shape(unstacked, full))
+    return nnx.merge(self._rollout_graphdef, self.rollout_params())
 
   def set_params(self, params: dict) -> None:
     """Replaces the policy's parameters by a full tree (e.g. after vision pretraining), split as the run splits."""
     trainable, frozen = self.setup.split_params(params)
     self.state = self.state.replace(params=trainable, frozen=frozen)
-    self._rollout_params = self._replicated_frozen = None
+    self._rollout_params = None
 
   def examples_at(self, position: int, count: int) -> list[dict]:
     """The `count` training examples from data position `position` on."""

@@ -13,10 +13,11 @@ the activations are those of full fine-tuning with a frozen vision tower (the ba
   frozen               frozen parameters, stored once in the compute dtype and shared by every copy below
   reference            the KL reference model (rl.beta > 0): the initial trainable parameters in the compute dtype
   Held by one phase of a step:
-  rollout copy         rollouts and reference log-probs: the trainable parameters in the compute dtype (none when it
-                       is model.dtype: the rollouts then read the master weights); whole on every device with
-                       rl.rollout_weights="replicated" on more than one parameter shard, and with LoRA then also
-                       the base decoder (embeddings, decoder, LM head) whole on every device
+  rollout copy         rollouts and reference log-probs: the trainable parameters in the compute dtype, their decoder
+                       layers one array per layer (when the compute dtype is model.dtype only the decoder layers are
+                       copied, unstacked; the rollouts read the other master weights); with LoRA also the base
+                       decoder layers; whole on every device with rl.rollout_weights="replicated" on more than one
+                       parameter shard, and with LoRA then the base decoder (embeddings, layers, LM head) too
   KV cache             rollouts, exactly the sampler's: 2 x layers x B/(data x fsdp) x (T + N) x kv_heads x head_dim
   prefill activations  rollouts, AN ESTIMATE of the prefill's largest transient (`forward_layer_bytes`): one
                        decoder layer over T tokens or one full-attention vision block, the larger, for the
@@ -83,6 +84,7 @@ class MemoryEstimate:
   frozen: int
   reference: int
   rollout_copy: int
+  rollout_shared: int  # the master and frozen parameters the rollouts read in place, not through their copy
   kv_cache: int
   prefill_decoder: int
   prefill_vision: int
@@ -128,10 +130,9 @@ class MemoryEstimate:
   def programs(self) -> dict[str, int]:
     """What each compiled program holds (its parameter arguments, outputs and temporaries): the train step, the
     reference log-probs and the rollouts' prefill + decode."""
-    policy = self.rollout_copy or self.master  # the rollouts read the master weights when they are in compute dtype
     return {"train step": self.master + self.optimizer + self.frozen + self.train_step,
             "reference log-probs": self.reference + self.frozen + self.logps_activations,
-            "prefill + decode": policy + self.frozen + self.kv_cache + self.prefill}
+            "prefill + decode": self.rollout_copy + self.rollout_shared + self.kv_cache + self.prefill}
 
   def rows(self) -> list[tuple[str, int]]:
     """(label, bytes) of each term, in table order."""
@@ -169,8 +170,8 @@ def adapter_leaves(config: Qwen25VLConfig) -> list[int]:
 
 
 def parameter_counts(config: Qwen25VLConfig) -> dict[str, int]:
-  """{"vision": ViT + merger, "text": embeddings + decoder + final norm + untied LM head, "adapters": the decoder's
-  LoRA adapters (0 without)} parameter counts."""
+  """{"vision": ViT + merger, "text": embeddings + decoder + final norm + untied LM head, "decoder_layers": the
+  decoder layers alone (within "text"), "adapters": the decoder's LoRA adapters (0 without)} parameter counts."""
   v, t = config.vision, config.text
   hv, iv = v.hidden_size, v.intermediate_size
   vision_block = 2 * hv + (hv * 3 * hv + 3 * hv) + (hv * hv + hv) + 2 * (hv * iv + iv) + (iv * hv + hv)
@@ -184,7 +185,8 @@ def parameter_counts(config: Qwen25VLConfig) -> dict[str, int]:
   text = t.vocab_size * h + t.num_hidden_layers * layer + h
   if not t.tie_word_embeddings:
     text += h * t.vocab_size
-  return {"vision": vision, "text": text, "adapters": sum(adapter_leaves(config))}
+  return {"vision": vision, "text": text, "decoder_layers": t.num_hidden_layers * layer,
+          "adapters": sum(adapter_leaves(config))}
 
 
 def _per_device(total: int, shards: int) -> int:
@@ -313,6 +315,21 @@ def logps_activation_bytes(config: Qwen25VLConfig, run: RunShape, rows: int, ite
   return max(decoder + logits, _vision_block_bytes(config, prompts, run.patches, itemsize, full=True, forward=True))
 
 
+def rollout_copy_params(counts: dict[str, int], trainable: int, lora: bool, mixed: bool, replicated: bool
+                        ) -> tuple[int, int]:
+  """(trainable, frozen) parameter counts of what the rollout copy (loops.Run.rollout_params,
+  `params.decoding_copy`: in the compute dtype, its decoder layers one array per layer) copies; the rollouts read
+  the copy instead of those parameters, and the rest in place.
+
+  replicated (on more than one parameter shard): the trainable parameters and, with LoRA, the base decoder
+  (embeddings, layers, LM head). Otherwise: the trainable parameters when they are cast (mixed precision) or are
+  LoRA adapters, else the decoder layers alone (the copy unstacks them); with LoRA the base decoder layers too.
+  """
+  if lora:
+    return trainable, counts["text"] if replicated else counts["decoder_layers"]
+  return (trainable if mixed or replicated else counts["decoder_layers"]), 0
+
+
 def estimate(config: Qwen25VLConfig, run: RunShape, mesh_shape: Mapping[str, int]) -> MemoryEstimate:
   """Bytes per device of each term for this architecture, run and mesh ({"data", "fsdp", "tensor"} sizes).
 
@@ -343,13 +360,18 @@ def estimate(config: Qwen25VLConfig, run: RunShape, mesh_shape: Mapping[str, int
   train_decoder, train_vision = train_activation_bytes(config, run, micro_rows, compute_itemsize)
   # The token embedding (and the LM head when untied), or with LoRA the largest adapter.
   largest_leaf = max(adapter_leaves(config)) if lora else t.vocab_size * t.hidden_size
+  replicated = run.rollout_replicated and param_shards > 1
+  copied_trainable, copied_frozen = rollout_copy_params(counts, trainable, lora, mixed, replicated)
+  rollout_copy = (copied_trainable + copied_frozen) * compute_itemsize
+  frozen_bytes = _per_device(frozen * compute_itemsize, param_shards)
   return MemoryEstimate(
       master=trainable_bytes,
       optimizer=2 * trainable_bytes,
-      frozen=_per_device(frozen * compute_itemsize, param_shards),
+      frozen=frozen_bytes,
       reference=trainable_compute if run.reference else 0,
-      rollout_copy=((trainable + (counts["text"] if lora else 0)) * compute_itemsize
-                    if run.rollout_replicated and param_shards > 1 else trainable_compute if mixed else 0),
+      rollout_copy=rollout_copy if replicated else _per_device(rollout_copy, param_shards),
+      rollout_shared=(trainable_bytes - _per_device(copied_trainable * itemsize, param_shards) + frozen_bytes
+                      - _per_device(copied_frozen * compute_itemsize, param_shards)),
       kv_cache=kv_cache_bytes(config, rollout_rows, run.prompt_len + run.max_new_tokens, compute_itemsize),
       prefill_decoder=forward_layer_bytes(prefill_rows, run.prompt_len, run.prompt_len + run.max_new_tokens,
                                           t.hidden_size, t.intermediate_size, t.num_attention_heads,

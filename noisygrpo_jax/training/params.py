@@ -6,7 +6,8 @@ The dtype policy, as DeepSpeed bf16 / MaxText run it (model.dtype float32, model
 - forward and backward: model.compute_dtype (the trainable weights are cast inside the step);
 - frozen weights (the vision tower and merger under optim.freeze_vision): stored once, in the compute dtype,
   shared by the policy update, the rollouts and the reference model; never copied, never held in float32;
-- rollouts and evaluation: a compute-dtype copy of the trainable weights, made after each update;
+- rollouts and evaluation: a compute-dtype copy of the trainable weights, made after each update, with the decoder
+  layers held one array per layer (`decoding_copy`; a copy of the frozen ones too when they are decoder layers);
 - the KL reference model: a compute-dtype copy of the initial trainable weights only (it shares the frozen ones).
 With compute_dtype "" (or equal to model.dtype) every copy is in model.dtype: the tiny preset's all-float32 run.
 
@@ -20,10 +21,13 @@ Parameter trees are pure dicts (nnx.to_pure_dict) whose top-level keys are the m
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import Sharding
 
-from noisygrpo_jax.models.qwen2_5_vl import lora
+from noisygrpo_jax.models.qwen2_5_vl import lora, stacking
 
 FROZEN_WHEN_VISION_IS_FROZEN = ("visual",)  # the ViT and its merger: everything under `visual`
 
@@ -81,3 +85,39 @@ def copy_as(tree, dtype: str):
     target = dtype if dtype and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
     return jnp.copy(x) if target == x.dtype else x.astype(target)
   return jax.tree.map(copy, tree)
+
+
+@functools.cache
+def _unstack(dtype: str, sharding: Sharding | None):
+  """The jitted `stacking.unstack_params` casting to `dtype`, its outputs placed in `sharding` (None: where XLA puts
+  them, which keeps the inputs' sharding of the other axes)."""
+  unstack = functools.partial(stacking.unstack_params, dtype=dtype)
+  return jax.jit(unstack) if sharding is None else jax.jit(unstack, out_shardings=sharding)
+
+
+def decoding_copy(tree: dict, dtype: str, sharding: Sharding | None = None) -> dict:
+  """`tree` (pure dict, all or part of the parameters) as decoding reads it: floating-point leaves in `dtype`
+  (`cast`: a leaf already in it is not copied), the decoder layers' (`language_model.layers`, stacked [layers, ...])
+  unstacked into one array per layer (the layout of `unstacked_decoder`'s `stacking.LayerList`: a copy, cast in the
+  same program), everything placed in `sharding` when given (else where it is). A model merged from it needs the
+  graphdef of `unstacked_decoder` (`loops.Run.model`)."""
+  language = tree.get("language_model", {})
+  rest = tree
+  if "layers" in language:
+    rest = {**tree, "language_model": {k: v for k, v in language.items() if k != "layers"}}
+  rest = cast(rest, dtype)
+  if sharding is not None:
+    rest = jax.device_put(rest, sharding)
+  if "layers" in language:
+    rest["language_model"]["layers"] = _unstack(dtype, sharding)(language["layers"])
+  return rest
+
+
+def rollout_copy(trainable: dict, frozen: dict, dtype: str, sharding: Sharding | None = None) -> dict:
+  """The full parameter tree rollouts and evaluation read: `decoding_copy` of the trainable parameters and of the
+  frozen ones the decode loop reads (all but the vision tower: with LoRA the base decoder, otherwise none; a
+  frozen leaf in `dtype` outside the decoder layers is not copied unless placed), and the state's vision tower,
+  shared (it runs in the prefill only)."""
+  decoded = {k: v for k, v in frozen.items() if k not in FROZEN_WHEN_VISION_IS_FROZEN}
+  shared = {k: v for k, v in frozen.items() if k in FROZEN_WHEN_VISION_IS_FROZEN}
+  return combine(decoding_copy(combine(trainable, decoded), dtype, sharding), shared)

@@ -2,13 +2,14 @@
 size does not grow with depth."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, stacking
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, stacking, unstacked_decoder
 from noisygrpo_jax.models.qwen2_5_vl.layers import Linear
 from noisygrpo_jax.sampling import sampler as S
 from tests.models import hf_reference as ref
@@ -25,6 +26,11 @@ def test_stacked_parameters_are_the_layers_values():
     np.testing.assert_array_equal(stacked.kernel[i], layer.kernel[...])
   # A layer's random values do not depend on the stacking: its i-th slice is the i-th draw of the same Rngs.
   assert not np.array_equal(stacked.kernel[0], stacked.kernel[1])
+  unstacked = stacking.unstack_layers(stacked)  # back to one module per layer, with each layer's sharding names
+  assert stacking.num_layers(unstacked) == 3
+  for layer, original in zip(unstacked.layers, layers):
+    np.testing.assert_array_equal(layer.kernel[...], original.kernel[...])
+    assert layer.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
 
 
 def _inputs(config, rows=2, seed=0):
@@ -68,16 +74,59 @@ def test_scan_and_unrolled_layers_give_the_same_logits_and_gradients():
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4, err_msg=str(path))
 
 
-def test_scan_and_unrolled_layers_generate_the_same_tokens():
-  """The KV caches [layers, B, S, K, head_dim] flow through the scan in prefill and decode: greedy tokens and their
-  log-probs equal the unrolled model's."""
+def _weight_copies_in_decode_loop(hlo: str, shapes: set[tuple[int, ...]]) -> list[tuple[str, str]]:
+  """(computation, instruction) of every array of one of `shapes` that the compiled decode loop's body (and what it
+  calls) computes rather than reads: a copy of a weight, since decoding makes no other array of a weight's shape."""
+  computations, name = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+    if header and line.rstrip().endswith("{"):
+      name = header.group(1)
+      computations[name] = []
+    elif name and line.strip() == "}":
+      name = None
+    elif name:
+      computations[name].append(line)
+  loop = next(line for lines in computations.values() for line in lines
+              if " while(" in line and 'op_name="jit(decode)/while"' in line)
+  todo, seen, found = [re.search(r"body=%([\w.\-]+)", loop).group(1)], set(), []
+  while todo:
+    name = todo.pop()
+    if name in seen:
+      continue
+    seen.add(name)
+    for line in computations[name]:
+      todo += re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", line)
+      op = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+      if op and op.group(3) not in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
+        if tuple(int(d) for d in op.group(2).split(",") if d) in shapes:
+          found.append((name, op.group(1)))
+  return found
+
+
+def test_decoding_from_unstacked_layers_copies_no_weight_and_gives_the_same_tokens():
+  """`generate` decodes from the layers unstacked (`unstacked_decoder`: one array per weight and one KV cache per
+  layer): the compiled decode loop makes no copy of any decoder weight, where from the stacks, scanned or unrolled,
+  it copies every layer's weights each step; greedy tokens and log-probs equal those of the stacked layers."""
   config = cfg.tiny()
   scanned = Qwen25VL(config, nnx.Rngs(1))
   prompts = S.prompts_from_hf(scanned, **_inputs(config, seed=2))
   params = S.SamplingParams(max_new_tokens=6, greedy=True, eos_ids=(), pad_id=0)
-  outs = [S.generate(m, prompts, jax.random.key(0), params) for m in (scanned, _unrolled(scanned))]
-  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
-  np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+  out = S.generate(scanned, prompts, jax.random.key(0), params)
+  unstacked = unstacked_decoder(scanned)
+  assert isinstance(unstacked.language_model.layers, stacking.LayerList) and unstacked_decoder(unstacked) is unstacked
+  matrices = {x.shape[1:] for x in jax.tree.leaves(nnx.state(scanned.language_model.layers)) if x.ndim == 3}
+  shapes = matrices | {shape[::-1] for shape in matrices}  # a transposed copy counts too
+  copies = {}
+  for name, model in (("scan", scanned), ("unrolled", _unrolled(scanned)), ("unstacked", unstacked)):
+    graphdef, state = nnx.split(model)
+    decode_state = S.prefill(graphdef, state, prompts, jax.random.key(0), params)
+    hlo = S.decode.lower(graphdef, state, decode_state, prompts.input_ids.shape[1], params).compile().as_text()
+    copies[name] = len(_weight_copies_in_decode_loop(hlo, shapes))
+    final = S.decode(graphdef, state, decode_state, prompts.input_ids.shape[1], params)
+    np.testing.assert_array_equal(final.tokens, out.tokens)
+    np.testing.assert_allclose(final.logprobs, out.logprobs, atol=1e-5)
+  assert copies["unstacked"] == 0 and copies["scan"] >= 7 and copies["unrolled"] >= 14, copies
 
 
 def _lowered_size(config, batch) -> int:

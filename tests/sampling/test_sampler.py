@@ -163,10 +163,11 @@ def test_sampling_frequencies_match_the_truncated_distribution(top_k, top_p, tem
 
 def test_sharded_batch_equals_single_device(tmp_path):
   """Rows split over 8 devices give the single device's tokens; given the mesh, prefill and decode keep every
-  [B, ...] leaf of the decode state and the KV cache [layers, B, S, K, head_dim] rows-split over the batch axes (the
-  step and key replicated); with the rollout layout (Run.rollout_params: weights replicated) the compiled decode loop
-  holds no collective but the all-rows stop check's all-reduce, while the training layout (FSDP) gathers weights
-  inside it (with scanned layers, one all-gather per sharded weight of the layer body, every step)."""
+  [B, ...] leaf of the decode state and each layer's KV cache [B, S, K, head_dim] rows-split over the batch axes (the
+  step and key replicated); with the rollout layout (Run.rollout_params: weights replicated, decoder layers
+  unstacked) the compiled decode loop holds no collective but the all-rows stop check's all-reduce, while the
+  training layout (FSDP) communicates inside it every step (weights all-gathered or partial matmul outputs
+  all-reduced, as XLA chooses: 4 all-gathers and 7 all-reduces for 2 layers when written)."""
   script = textwrap.dedent("""
       import os, re
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -174,7 +175,7 @@ def test_sharded_batch_equals_single_device(tmp_path):
       from flax import nnx
       from jax.sharding import NamedSharding, PartitionSpec as P
       from noisygrpo_jax import sharding
-      from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg
+      from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, unstacked_decoder
       from noisygrpo_jax.sampling import sampler as S
       from tests.models import hf_reference as ref
       c = cfg.tiny()
@@ -199,7 +200,7 @@ def test_sharded_batch_equals_single_device(tmp_path):
       def spec(x):  # trailing unsharded axes written out
         return tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
       batch = ("data", "fsdp")
-      cache = (None, batch, None, None, None)
+      cache = (batch, None, None, None)
 
       def check_layout(state):
         specs = {jax.tree_util.keystr(p): spec(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
@@ -207,7 +208,7 @@ def test_sharded_batch_equals_single_device(tmp_path):
                 (batch,) + (None,) * (len(v) - 1) for k, v in specs.items()}
         assert specs == want, specs
 
-      graphdef, state = nnx.split(model)
+      graphdef, state = nnx.split(unstacked_decoder(model))  # the layout generate decodes from
       layouts = {"replicated": jax.device_put(state, NamedSharding(mesh, P())),
                  "train": jax.device_put(nnx.to_pure_dict(state), sharding.param_shardings(state, mesh))}
       counts = {}
@@ -222,7 +223,7 @@ def test_sharded_batch_equals_single_device(tmp_path):
         np.testing.assert_array_equal(np.asarray(final.tokens), np.asarray(single.tokens))
       assert counts["replicated"] == {"all-gather": 0, "all-reduce": 1, "reduce-scatter": 0,
                                       "collective-permute": 0, "all-to-all": 0}, counts
-      assert counts["train"]["all-gather"] >= 7, counts  # the 7 fsdp-sharded kernels of a decoder layer
+      assert counts["train"]["all-gather"] + counts["train"]["all-reduce"] >= 7, counts
       print("SHARDED_OK", counts)
       """)
   env = dict(os.environ, PYTHONPATH=os.getcwd())

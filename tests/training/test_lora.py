@@ -165,8 +165,13 @@ def test_memory_estimate_counts_adapters_as_the_trainable_state_and_the_base_onc
                         compute_dtype="bfloat16")
   est = memory.estimate(CONFIG, run, ONE_DEVICE)
   assert est.master == nbytes(trainable) and est.optimizer == 2 * nbytes(trainable)
-  assert est.reference == est.rollout_copy == est.compute_copy == nbytes(trainable, "bfloat16")
+  assert est.reference == est.compute_copy == nbytes(trainable, "bfloat16")
   assert est.frozen == nbytes(frozen, "bfloat16") and not est.vision_trains
+  # The rollout copy (params.decoding_copy): the adapters and the base decoder layers, unstacked; the rollouts read
+  # the other frozen weights in place.
+  base_layers = frozen["language_model"]["layers"]
+  assert est.rollout_copy == nbytes(trainable, "bfloat16") + nbytes(base_layers, "bfloat16")
+  assert est.rollout_shared == est.frozen - nbytes(base_layers, "bfloat16")
   # Replicated rollouts over 4 parameter shards hold the adapters and the base decoder whole on every device.
   replicated = memory.estimate(CONFIG, dataclasses.replace(run, rollout_replicated=True), {"fsdp": 4})
   base_decoder = {k: v for k, v in frozen.items() if k != "visual"}
@@ -226,16 +231,24 @@ def test_the_reference_model_is_the_base_with_no_copy_of_it(tmp_path, data_dir):
   ids = np.random.default_rng(0).integers(0, base_config.text.vocab_size - 8, (2, 12))
   logits = lambda graphdef, params: np.asarray(nnx.merge(graphdef, params).forward_hf(ids))
   np.testing.assert_array_equal(logits(run.setup.graphdef, run.reference()), logits(base_graphdef, run.state.frozen))
-  # The rollouts run the adapted policy: the state's adapters with the same shared base.
-  rollout = _flat(run.rollout_params())
-  assert all(np.array_equal(rollout[p], x) for p, x in _flat(run.state.params).items())
+  # The rollouts run the adapted policy: the state's adapters and base, layer l of each stack [layers, ...] held as
+  # its own array (params.decoding_copy); the vision tower shared.
+  rollout, expected = _flat(run.rollout_params()), set()
+  for path, x in _flat(params_lib.combine(run.state.params, run.state.frozen)).items():
+    if path[:2] != ("language_model", "layers"):
+      expected.add(path)
+      continue
+    for layer in range(x.shape[0]):
+      expected.add(path[:2] + ("layers", str(layer)) + path[2:])
+      np.testing.assert_array_equal(rollout[path[:2] + ("layers", str(layer)) + path[2:]], x[layer])
+  assert set(rollout) == expected
   assert buffers(run.rollout_params()["visual"]) == buffers(run.state.frozen["visual"])
   run.close({}, run.progress_bar("lora"))
 
 
 def test_replicated_rollouts_hold_the_base_decoder_whole_on_every_device(tmp_path, data_dir):
   """8 devices (fsdp=8), rl.rollout_weights="replicated": what the decode loop reads is whole on every device, the
-  adapters' rollout copy and a copy of the frozen base decoder made once (so the loop gathers no weight; the
+  adapters' rollout copy and a copy of the frozen base decoder made with it (so the loop gathers no weight; the
   replicated layout's loop is counted in tests/sampling), while the state keeps the base sharded."""
   script = textwrap.dedent("""
       import os, sys
@@ -250,10 +263,6 @@ def test_replicated_rollouts_hold_the_base_decoder_whole_on_every_device(tmp_pat
       assert decode and all(x.sharding.is_fully_replicated for _, x in decode), [
           jax.tree_util.keystr(p) for p, x in decode if not x.sharding.is_fully_replicated]
       assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(run.state.frozen["language_model"]))
-      base = run._replicated_frozen
-      run._rollout_params = None  # as after an update: a new adapters' copy, the same base copy
-      run.rollout_params()
-      assert run._replicated_frozen is base
       print("REPLICATED_OK")
       """)
   result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), str(data_dir)], capture_output=True,

@@ -54,7 +54,13 @@ def test_param_and_optimizer_bytes_equal_the_model_state(config):
       assert est.master == _nbytes(trainable) and est.frozen == _nbytes(as_compute(frozen))
       assert est.reference == _nbytes(as_compute(trainable))
       mixed = bool(compute) and compute != config.dtype
-      assert est.rollout_copy == est.compute_copy == (_nbytes(as_compute(trainable)) if mixed else 0)
+      assert est.compute_copy == (_nbytes(as_compute(trainable)) if mixed else 0)
+      # The rollout copy (params.decoding_copy): all of it when cast; in model.dtype only the unstacked decoder
+      # layers are copies (the other leaves are the master's own buffers, which the rollouts read in place).
+      copy = jax.eval_shape(lambda t: params_lib.decoding_copy(t, compute), trainable)
+      copied = _nbytes(copy) if mixed else _nbytes(copy["language_model"]["layers"])
+      assert est.rollout_copy == copied and est.rollout_shared == est.master + est.frozen - (est.master if mixed
+                                                                                              else copied)
       opt_state = jax.eval_shape(optimizer_lib.make_optimizer(1e-3).init, trainable)
       assert est.optimizer == _nbytes(opt_state)  # two moments of the trainable parameters, none for frozen ones
 

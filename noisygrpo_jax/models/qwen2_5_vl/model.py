@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from noisygrpo_jax.models.qwen2_5_vl import host
+from noisygrpo_jax.models.qwen2_5_vl import host, stacking
 from noisygrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from noisygrpo_jax.models.qwen2_5_vl.layers import Linear
 from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache, TextModel
@@ -28,6 +28,17 @@ def causal_mask(attention_mask: jax.Array) -> jax.Array:
   """bool [B, T, T]: query t sees valid keys s <= t. attention_mask: [B, T] (1 = real token)."""
   t = attention_mask.shape[1]
   return jnp.tril(jnp.ones((t, t), bool))[None] & attention_mask.astype(bool)[:, None, :]
+
+
+def unstacked_decoder(model: Qwen25VL) -> Qwen25VL:
+  """`model` with its decoder layers held one module per layer (`stacking.LayerList`), the layout decoding reads: a
+  new module over the same arrays but the decoder layers' weights, copied once (`stacking.unstack_layers`); `model`
+  itself when its layers already are a LayerList (e.g. the trainer's rollout copy, `loops.Run.rollout_params`)."""
+  if isinstance(model.language_model.layers, stacking.LayerList):
+    return model
+  unstacked = nnx.merge(*nnx.split(model))
+  unstacked.language_model.layers = stacking.unstack_layers(model.language_model.layers)
+  return unstacked
 
 
 class Qwen25VL(nnx.Module):
@@ -77,8 +88,8 @@ class Qwen25VL(nnx.Module):
       attention_mask: [B, T], 1 for real tokens; used to build a causal mask when `mask` is None.
       vision: packed images/videos per row, or None for text only.
       mask: optional bool [B, T, S] attention mask (the sampler passes its own for cached decoding).
-      caches, cache_index: the decoder's KV caches (k, v [layers, B, S, K, head_dim]) and the slot where this call's
-        tokens are written.
+      caches, cache_index: the decoder's KV caches (k, v [layers, B, S, K, head_dim]; with unstacked layers a tuple
+        of one [B, S, K, head_dim] per layer: sampler.init_caches) and the slot where this call's tokens are written.
       remat: False skips the decoder's rematerialisation (config.remat) for calls never differentiated.
     Returns:
       (hidden [B, T, D], updated caches or None).

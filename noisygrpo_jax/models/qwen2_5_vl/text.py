@@ -18,8 +18,9 @@ QUERY_CHUNK = 512  # queries per attention block of long passes (prefill, prompt
 
 @flax.struct.dataclass
 class LayerCache:
-  """Keys and values for S cache slots: k, v [B, S, K, head_dim] for one layer; the decoder's caches are one
-  LayerCache with a leading layer axis, k, v [num_layers, B, S, K, head_dim]."""
+  """Keys and values for S cache slots: k, v [B, S, K, head_dim] for one layer. The decoder's caches take the form
+  of its layers (`stacking.run_layers`): one LayerCache with a leading layer axis, k, v [num_layers, B, S, K,
+  head_dim], for stacked layers; a tuple of one LayerCache per layer for a `stacking.LayerList`."""
 
   k: jax.Array
   v: jax.Array
@@ -114,7 +115,8 @@ class TextModel(nnx.Module):
 
   def __call__(self, embeds, position_ids, mask, caches: LayerCache | None = None, cache_index=None,
                remat: bool = True):
-    """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S]; caches: k, v [layers, B, S, K, head_dim].
+    """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S]; caches: k, v [layers, B, S, K, head_dim]
+    (a tuple of per-layer caches when the layers are a `stacking.LayerList`).
 
     `remat=False` turns the model's rematerialisation off for this call (the sampler's cached decoding, which
     is never differentiated); with caches, gradients flow through them (the trainer's shared-prompt pass).
