@@ -5,7 +5,10 @@ The four programs of an RL step (prefill, the decode loop, the reference log-pro
 master weights, bfloat16 compute, frozen bf16 vision tower), each lowered and compiled on the CPU with abstract
 inputs (`jax.jit(...).lower(ShapeDtypeStructs).compile()`: no weight is materialised), with `model.scan_layers` True
 (one `lax.scan` over the stacked layers) and False (the same weights unrolled layer by layer, as every program was
-before the layers were stacked). Seconds are wall time for trace + lower + compile, one program at a time.
+before the layers were stacked). Prefill and the decode loop run, in both, from the decoder layers unstacked, as
+`sampler.generate` and the trainer's rollout copy hold them (bench_memory.lowered_programs; one array per layer,
+the decoder unrolled), so only their vision tower changes between the two layouts. Seconds are wall time for
+trace + lower + compile, one program at a time.
 
 Usage: python experiments/bench/bench_compile.py [--markdown BENCHMARKS.md] [--smoke] [--layouts scan,unrolled]
 """

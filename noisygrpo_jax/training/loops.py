@@ -533,7 +533,7 @@ def check_vision_pretrain(config) -> None:
 def pretrain_vision(run: Run) -> None:
   """The dense vision stage (training.vision_pretrain) of a fresh SFT run, logged and checkpointed as step 0."""
   c = run.config
-  model = run.model()
+  model = nnx.merge(run.setup.graphdef, params_lib.combine(run.state.params, run.state.frozen))  # the state's layout
   cfg = vision_pretrain.VisionPretrainConfig(**c.vision_pretrain.to_dict(), seed=c.train.seed)
   results = vision_pretrain.pretrain_vision(model, run.train_examples, setup.load_split(c, "test"),
                                             setup.image_config(c, model.config.vision), cfg,
