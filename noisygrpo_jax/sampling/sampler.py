@@ -64,7 +64,7 @@ class SampleOutput:
 class DecodeState:
   step: jax.Array  # int32 scalar: tokens generated so far
   logits: jax.Array  # float32 [B, V]: next-token logits
-  caches: LayerCache | tuple[LayerCache, ...]  # k, v [layers, B, S, K, head_dim], or per layer [B, S, K, head_dim]
+  caches: LayerCache | tuple[LayerCache, ...]  # k, v [layers, B, K, S, head_dim], or per layer [B, K, S, head_dim]
   kv_valid: jax.Array  # bool [B, S]: cache slots holding real tokens
   next_position: jax.Array  # int32 [B]: M-RoPE position of the next token (all three axes)
   done: jax.Array  # bool [B]
@@ -129,10 +129,10 @@ def sample_token(key: jax.Array, logits: jax.Array, params: SamplingParams):
 
 def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> LayerCache | tuple[LayerCache, ...]:
   """Zeroed KV caches of every decoder layer in `dtype`, in the form the layers take (`stacking.run_layers`): one
-  LayerCache k, v [layers, batch, slots, K, head_dim] for stacked layers, a tuple of one [batch, slots, K, head_dim]
+  LayerCache k, v [layers, batch, K, slots, head_dim] for stacked layers, a tuple of one [batch, K, slots, head_dim]
   per layer for a LayerList."""
   t = model.config.text
-  shape = (batch, slots, t.num_key_value_heads, t.head_dim)
+  shape = (batch, t.num_key_value_heads, slots, t.head_dim)
   if isinstance(model.language_model.layers, stacking.LayerList):
     return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_hidden_layers))
   shape = (t.num_hidden_layers,) + shape
@@ -142,7 +142,7 @@ def init_caches(model: Qwen25VL, batch: int, slots: int, dtype) -> LayerCache | 
 def decode_state_shardings(state: DecodeState, mesh: Mesh) -> DecodeState:
   """The rollout layout of a decode state on `mesh`: rows over the batch axes (sharding.LOGICAL_AXIS_RULES "batch";
   replicated where they do not divide the B rows) on axis 0 of every [B, ...] leaf and on the B axis of the KV caches
-  ([layers, B, S, K, head_dim] or [B, S, K, head_dim]); the step and the PRNG key replicated."""
+  ([layers, B, K, S, head_dim] or [B, K, S, head_dim]); the step and the PRNG key replicated."""
   def rows(axis: int):
     return lambda x: sharding.logical_sharding(["batch" if i == axis else None for i in range(x.ndim)], mesh, x.shape)
 
@@ -188,7 +188,7 @@ def prefill(graphdef, state, prompts: PromptBatch, key: jax.Array, params: Sampl
     logits, caches = jax.lax.map(lambda parts: run(*parts),
                                  (collate.split_rows(prompts, k), kv_valid.reshape(k, b // k, slots)))
     logits = logits.reshape((b,) + logits.shape[2:])
-    # [k, (layers,) b / k, S, K, head_dim] -> [(layers,) b, S, K, head_dim]
+    # [k, (layers,) b / k, K, S, head_dim] -> [(layers,) b, K, S, head_dim]
     caches = jax.tree.map(lambda x: jnp.moveaxis(x, 0, x.ndim - 5).reshape(x.shape[1:-4] + (b,) + x.shape[-3:]),
                           caches)
   n = params.max_new_tokens

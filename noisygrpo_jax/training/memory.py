@@ -282,7 +282,7 @@ def train_activation_bytes(config: Qwen25VLConfig, run: RunShape, rows: int, ite
 
 
 def kv_cache_bytes(config: Qwen25VLConfig, rows: int, slots: int, itemsize: int) -> int:
-  """The sampler's cache (sampler.init_caches): k and v [rows, slots, kv_heads, head_dim] per decoder layer."""
+  """The sampler's cache (sampler.init_caches): k and v [rows, kv_heads, slots, head_dim] per decoder layer."""
   t = config.text
   return 2 * t.num_hidden_layers * rows * slots * t.num_key_value_heads * t.head_dim * itemsize
 

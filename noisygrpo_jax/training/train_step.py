@@ -94,7 +94,7 @@ def shared_prompt_hidden(model, batch: TokenBatch, group_size: int) -> jax.Array
   """The final hidden states that predict the completion tokens, with each group's prompt run once.
 
   Prompt pass: the first row of each group (its prompt tokens and images) writes its keys/values into the decoder's
-  caches [layers, N/G, T, K, head_dim] (T = L - M). Completion pass: the caches, repeated G times along rows and
+  caches [layers, N/G, K, T, head_dim] (T = L - M). Completion pass: the caches, repeated G times along rows and
   extended by M slots, take the N completions at slot T; completion token k attends to its prompt's valid tokens and to
   completion tokens <= k that are in the attention mask, as in one pass over the [N, L] rows. Gradients reach the
   prompt through the caches.
@@ -115,7 +115,7 @@ def shared_prompt_hidden(model, batch: TokenBatch, group_size: int) -> jax.Array
   prompt_hidden, caches = model.hidden_states(first(batch.input_ids)[:, :t], first(batch.position_ids, 1)[:, :, :t],
                                               vision=vision, mask=causal_mask(prompt_mask), caches=caches,
                                               cache_index=0)
-  repeat = lambda x: jnp.pad(jnp.repeat(x, g, axis=1), ((0, 0), (0, 0), (0, m), (0, 0), (0, 0)))
+  repeat = lambda x: jnp.pad(jnp.repeat(x, g, axis=1), ((0, 0), (0, 0), (0, 0), (0, m), (0, 0)))
   caches = jax.tree.map(repeat, caches)
   mask = jnp.tril(jnp.ones((m, length), bool), k=t)[None] & batch.attention_mask.astype(bool)[:, None, :]
   hidden, _ = model.hidden_states(batch.input_ids[:, t:], batch.position_ids[:, :, t:], mask=mask, caches=caches,

@@ -44,8 +44,9 @@ def _assert_routes_agree(monkeypatch, fn, q, k, v, fused_call):
 def test_decoder_fused_route_equals_einsum(monkeypatch, case):
   """GQA (8 heads over 2 KV heads) with left-padded rows: a prompt pass with fully masked padding queries, one into
   a longer cache (queries at the start of the key slots), the shared-prompt completion pass and a decode step
-  (queries at the end). The einsum path takes 8 queries at a time; the fused route takes the whole pass at once
-  with a mask broadcast over heads."""
+  (queries at the end); the last three read keys and values heads-major [B, K, S, head_dim], as the KV caches hold
+  them (the fused route gets them transposed). The einsum path takes 8 queries at a time; the fused route takes the
+  whole pass at once with a mask broadcast over heads."""
   t, s = {"prefill_left_padding": (24, 24), "prefill_into_cache": (16, 40), "completion_after_prompt": (8, 40),
           "decode": (1, 41)}[case]
   rng = np.random.default_rng(3)
@@ -55,8 +56,9 @@ def test_decoder_fused_route_equals_einsum(monkeypatch, case):
   else:
     mask = _causal_padded_mask(rng, 2, s, s)[:, s - t:]
   q = rng.standard_normal((2, t, 8, 16)).astype(np.float32)
-  k, v = (rng.standard_normal((2, s, 2, 16)).astype(np.float32) for _ in range(2))
-  fn = lambda q, k, v: layers.query_chunked_attention(q, k, v, mask, 8)
+  cached = case != "prefill_left_padding"
+  k, v = (rng.standard_normal((2, 2, s, 16) if cached else (2, s, 2, 16)).astype(np.float32) for _ in range(2))
+  fn = lambda q, k, v: layers.query_chunked_attention(q, k, v, mask, 8, kv_heads_major=cached)
   _assert_routes_agree(monkeypatch, fn, q, k, v, fused_call=((2, t, 8, 16), (2, 1, t, s)))
 
 

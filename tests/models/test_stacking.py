@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, stacking, unstacked_decoder
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, layers, stacking, unstacked_decoder
 from noisygrpo_jax.models.qwen2_5_vl.layers import Linear
 from noisygrpo_jax.sampling import sampler as S
 from tests.models import hf_reference as ref
@@ -74,9 +74,10 @@ def test_scan_and_unrolled_layers_give_the_same_logits_and_gradients():
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4, err_msg=str(path))
 
 
-def _weight_copies_in_decode_loop(hlo: str, shapes: set[tuple[int, ...]]) -> list[tuple[str, str]]:
-  """(computation, instruction) of every array of one of `shapes` that the compiled decode loop's body (and what it
-  calls) computes rather than reads: a copy of a weight, since decoding makes no other array of a weight's shape."""
+def _arrays_computed_in_loop(hlo: str, function: str = "decode") -> list[tuple[tuple[int, ...], str]]:
+  """(dims, what computes it) of every array that the body of the compiled while loop of jitted `function` (and
+  what it calls) computes rather than reads: "dynamic-update-slice" for an in-place cache write (the op, or a fusion
+  whose root it is), else the opcode."""
   computations, name = {}, None
   for line in hlo.splitlines():
     header = re.match(r"^(?:ENTRY )?%(\S+) ", line)
@@ -87,8 +88,9 @@ def _weight_copies_in_decode_loop(hlo: str, shapes: set[tuple[int, ...]]) -> lis
       name = None
     elif name:
       computations[name].append(line)
+  root = {name: re.search(r"ROOT %\S+ = \S+ ([\w\-]+)\(", "\n".join(lines)) for name, lines in computations.items()}
   loop = next(line for lines in computations.values() for line in lines
-              if " while(" in line and 'op_name="jit(decode)/while"' in line)
+              if " while(" in line and f'op_name="jit({function})/while"' in line)
   todo, seen, found = [re.search(r"body=%([\w.\-]+)", loop).group(1)], set(), []
   while todo:
     name = todo.pop()
@@ -96,18 +98,22 @@ def _weight_copies_in_decode_loop(hlo: str, shapes: set[tuple[int, ...]]) -> lis
       continue
     seen.add(name)
     for line in computations[name]:
-      todo += re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", line)
-      op = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(", line)
-      if op and op.group(3) not in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
-        if tuple(int(d) for d in op.group(2).split(",") if d) in shapes:
-          found.append((name, op.group(1)))
+      called = re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", line)
+      todo += called
+      op = re.match(r"\s*(?:ROOT )?%\S+ = \w+\[([\d,]*)\]\S* ([\w\-]+)\(", line)
+      if op and op.group(2) not in ("parameter", "get-tuple-element", "bitcast", "tuple", "constant"):
+        kind = op.group(2)
+        if kind == "fusion" and root[called[0]] and root[called[0]].group(1) == "dynamic-update-slice":
+          kind = "dynamic-update-slice"
+        found.append((tuple(int(d) for d in op.group(1).split(",") if d), kind))
   return found
 
 
-def test_decoding_from_unstacked_layers_copies_no_weight_and_gives_the_same_tokens():
-  """`generate` decodes from the layers unstacked (`unstacked_decoder`: one array per weight and one KV cache per
-  layer): the compiled decode loop makes no copy of any decoder weight, where from the stacks, scanned or unrolled,
-  it copies every layer's weights each step; greedy tokens and log-probs equal those of the stacked layers."""
+def test_decoding_from_unstacked_layers_copies_no_weight_or_cache_and_gives_the_same_tokens():
+  """`generate` decodes from the layers unstacked (`unstacked_decoder`: one array per weight and one KV cache
+  [B, K, S, head_dim] per layer): the compiled decode loop makes no copy of any decoder weight or KV cache (it writes
+  each cache in place), where from the stacks, scanned or unrolled, it copies every layer's weights and caches each
+  step; greedy tokens and log-probs equal those of the stacked layers."""
   config = cfg.tiny()
   scanned = Qwen25VL(config, nnx.Rngs(1))
   prompts = S.prompts_from_hf(scanned, **_inputs(config, seed=2))
@@ -116,17 +122,36 @@ def test_decoding_from_unstacked_layers_copies_no_weight_and_gives_the_same_toke
   unstacked = unstacked_decoder(scanned)
   assert isinstance(unstacked.language_model.layers, stacking.LayerList) and unstacked_decoder(unstacked) is unstacked
   matrices = {x.shape[1:] for x in jax.tree.leaves(nnx.state(scanned.language_model.layers)) if x.ndim == 3}
-  shapes = matrices | {shape[::-1] for shape in matrices}  # a transposed copy counts too
+  weights = matrices | {shape[::-1] for shape in matrices}  # a transposed copy counts too
+  t = config.text
+  cache = sorted((2, t.num_key_value_heads, prompts.input_ids.shape[1] + 6, t.head_dim))  # any axis order
   copies = {}
   for name, model in (("scan", scanned), ("unrolled", _unrolled(scanned)), ("unstacked", unstacked)):
     graphdef, state = nnx.split(model)
     decode_state = S.prefill(graphdef, state, prompts, jax.random.key(0), params)
     hlo = S.decode.lower(graphdef, state, decode_state, prompts.input_ids.shape[1], params).compile().as_text()
-    copies[name] = len(_weight_copies_in_decode_loop(hlo, shapes))
+    made = _arrays_computed_in_loop(hlo)
+    copies[name] = (sum(dims in weights for dims, _ in made),
+                    sum(sorted(dims) == cache and kind != "dynamic-update-slice" for dims, kind in made))
     final = S.decode(graphdef, state, decode_state, prompts.input_ids.shape[1], params)
     np.testing.assert_array_equal(final.tokens, out.tokens)
     np.testing.assert_allclose(final.logprobs, out.logprobs, atol=1e-5)
-  assert copies["unstacked"] == 0 and copies["scan"] >= 7 and copies["unrolled"] >= 14, copies
+  assert copies["unstacked"] == (0, 0), copies
+  assert copies["scan"][0] >= 7 and copies["unrolled"][0] >= 14, copies
+
+  # The cache check can fail: a cache [B, S, K, head_dim] written and read by the same einsums each step is
+  # transposed whole every step.
+  def sequence_major(q, k, mask):
+    def body(carry):
+      step, k = carry
+      k = jax.lax.dynamic_update_slice(k, q[:, :, :t.num_key_value_heads], (0, step, 0, 0))
+      return step + 1, k + layers._einsum_attention(q, k, k, mask)[:, :, :t.num_key_value_heads].sum(1, keepdims=True)
+    return jax.lax.while_loop(lambda carry: carry[0] < 3, body, (0, k))[1]
+
+  b, s, k, d = 2, 46, t.num_key_value_heads, t.head_dim
+  args = (jnp.ones((b, 1, t.num_attention_heads, d)), jnp.ones((b, s, k, d)), jnp.ones((b, 1, s), bool))
+  made = _arrays_computed_in_loop(jax.jit(sequence_major).lower(*args).compile().as_text(), "sequence_major")
+  assert any(sorted(dims) == sorted((b, s, k, d)) and kind != "dynamic-update-slice" for dims, kind in made), made
 
 
 def _lowered_size(config, batch) -> int:

@@ -127,7 +127,15 @@ def attention_implementation(q, k, v) -> str | None:
   return "cudnn" if jax.default_backend() == "gpu" and cudnn_accepts(q, k, v) else None
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, vmappable: bool = False) -> jax.Array:
+def _keys_as_sequence_major(k, heads_major: bool):
+  """The shape and dtype of keys [..., S, K, D] that are stored [..., K, S, D] when `heads_major` (for routing)."""
+  if not heads_major:
+    return k
+  return jax.ShapeDtypeStruct(k.shape[:-3] + (k.shape[-2], k.shape[-3], k.shape[-1]), k.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, vmappable: bool = False,
+              kv_heads_major: bool = False) -> jax.Array:
   """Softmax attention with grouped KV heads and a boolean mask, routed by `attention_implementation`.
 
   The fused kernel never holds the [B, H, T, S] scores. cuDNN takes the mask as an additive bias in q's dtype (2
@@ -140,30 +148,38 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, vmap
     vmappable: hands the fused kernel the mask per head ([B, H, T, S]: H times the bias of the default
       [B, 1, T, S]). jax's cuDNN batching rule reshapes a vmapped bias to the query's heads and fails on one
       broadcast over them (jax-ml/jax#34920), so calls under jax.vmap (the vision tower's) need it.
+    kv_heads_major: k, v are [B, K, S, D] (the KV caches' layout, which a decode step's einsums read in place);
+      the fused kernel, which takes [B, S, K, D], then gets them transposed (a copy).
   Returns:
     [B, T, H, D] in q's dtype.
   """
-  implementation = attention_implementation(q, k, v)
+  keys = _keys_as_sequence_major(k, kv_heads_major)
+  implementation = attention_implementation(q, keys, keys)
   if implementation is None:
-    return _einsum_attention(q, k, v, mask)
+    return _einsum_attention(q, k, v, mask, kv_heads_major)
+  if kv_heads_major:
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
   heads = q.shape[2] if vmappable else 1
   mask = jnp.broadcast_to(mask[:, None], (mask.shape[0], heads) + mask.shape[1:])
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
-def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      kv_heads_major: bool = False) -> jax.Array:
   """`attention` with float32 scores and softmax [B, H, T, S] in memory; shapes as there."""
   b, t, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1 if kv_heads_major else 2]
+  keys = "bksd" if kv_heads_major else "bskd"
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+  scores = jnp.einsum(f"btkgd,{keys}->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
   scores = jnp.where(mask[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{keys}->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
-def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int) -> jax.Array:
+def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int,
+                            kv_heads_major: bool = False) -> jax.Array:
   """`attention` one block of `chunk` queries at a time: the same result, with float32 scores [B, H, chunk, S]
   alive instead of [B, H, T, S] (a 4096-token prompt's decoder scores: 1/8 with chunk 512).
 
@@ -172,13 +188,15 @@ def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
   scores), this is `attention` itself.
 
   Args:
-    q: [B, T, H, D]; k, v: [B, S, K, D]; mask: bool [B, T, S]; chunk: static query block size.
+    q: [B, T, H, D]; k, v: [B, S, K, D] ([B, K, S, D] with kv_heads_major: `attention`); mask: bool [B, T, S];
+    chunk: static query block size.
   Returns:
     [B, T, H, D] in q's dtype.
   """
   b, t, h, d = q.shape
-  if t <= chunk or attention_implementation(q, k, v) is not None:
-    return attention(q, k, v, mask)
+  keys = _keys_as_sequence_major(k, kv_heads_major)
+  if t <= chunk or attention_implementation(q, keys, keys) is not None:
+    return attention(q, k, v, mask, kv_heads_major=kv_heads_major)
   n = -(-t // chunk)
   # Padding queries attend to nothing (a uniform softmax over their masked row) and are cut off below.
   blocks = lambda x: jnp.moveaxis(jnp.pad(x, ((0, 0), (0, n * chunk - t)) + ((0, 0),) * (x.ndim - 2)).reshape(
@@ -187,7 +205,7 @@ def query_chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def block(inputs):
     q_block, mask_block = inputs
-    return attention(q_block, k, v, mask_block)
+    return attention(q_block, k, v, mask_block, kv_heads_major=kv_heads_major)
 
   out = jax.lax.map(block, (blocks(q), blocks(mask)))  # [n, B, chunk, H, D]
   return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, h, d)[:, :t]

@@ -88,8 +88,8 @@ class Qwen25VL(nnx.Module):
       attention_mask: [B, T], 1 for real tokens; used to build a causal mask when `mask` is None.
       vision: packed images/videos per row, or None for text only.
       mask: optional bool [B, T, S] attention mask (the sampler passes its own for cached decoding).
-      caches, cache_index: the decoder's KV caches (k, v [layers, B, S, K, head_dim]; with unstacked layers a tuple
-        of one [B, S, K, head_dim] per layer: sampler.init_caches) and the slot where this call's tokens are written.
+      caches, cache_index: the decoder's KV caches (k, v [layers, B, K, S, head_dim]; with unstacked layers a tuple
+        of one [B, K, S, head_dim] per layer: sampler.init_caches) and the slot where this call's tokens are written.
       remat: False skips the decoder's rematerialisation (config.remat) for calls never differentiated.
     Returns:
       (hidden [B, T, D], updated caches or None).

@@ -18,9 +18,11 @@ QUERY_CHUNK = 512  # queries per attention block of long passes (prefill, prompt
 
 @flax.struct.dataclass
 class LayerCache:
-  """Keys and values for S cache slots: k, v [B, S, K, head_dim] for one layer. The decoder's caches take the form
-  of its layers (`stacking.run_layers`): one LayerCache with a leading layer axis, k, v [num_layers, B, S, K,
-  head_dim], for stacked layers; a tuple of one LayerCache per layer for a `stacking.LayerList`."""
+  """Keys and values for S cache slots: k, v [B, K, S, head_dim] for one layer, heads-major (as HF's cache), so a
+  decode step's attention einsums read them in place (from [B, S, K, head_dim] XLA would first transpose the whole
+  cache, every step). The decoder's caches take the form of its layers (`stacking.run_layers`): one LayerCache with
+  a leading layer axis, k, v [num_layers, B, K, S, head_dim], for stacked layers; a tuple of one LayerCache per
+  layer for a `stacking.LayerList`."""
 
   k: jax.Array
   v: jax.Array
@@ -70,12 +72,13 @@ class Attention(nnx.Module):
     q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
     k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if cache is not None:
-      start = (0, cache_index, 0, 0)
-      cache = LayerCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
-                         jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
-      k, v = cache.k, cache.v
-    out = query_chunked_attention(q, k, v, mask, QUERY_CHUNK)
+    if cache is None:
+      out = query_chunked_attention(q, k, v, mask, QUERY_CHUNK)
+    else:
+      start = (0, 0, cache_index, 0)
+      write = lambda c, x: jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), start)
+      cache = LayerCache(write(cache.k, k), write(cache.v, v))
+      out = query_chunked_attention(q, cache.k, cache.v, mask, QUERY_CHUNK, kv_heads_major=True)
     return self.o_proj(out.reshape(b, t, -1)), cache
 
 
@@ -115,7 +118,7 @@ class TextModel(nnx.Module):
 
   def __call__(self, embeds, position_ids, mask, caches: LayerCache | None = None, cache_index=None,
                remat: bool = True):
-    """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S]; caches: k, v [layers, B, S, K, head_dim]
+    """embeds [B, T, D]; position_ids int [3, B, T]; mask bool [B, T, S]; caches: k, v [layers, B, K, S, head_dim]
     (a tuple of per-layer caches when the layers are a `stacking.LayerList`).
 
     `remat=False` turns the model's rematerialisation off for this call (the sampler's cached decoding, which
