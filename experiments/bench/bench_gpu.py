@@ -370,8 +370,7 @@ class RecipeRun:
   @functools.cached_property
   def rollout_graphdef(self) -> nnx.GraphDef:
     """The graphdef of `rollout_params`' model (loops.Run.model)."""
-    unstacked = lambda params: model_lib.unstacked_decoder(nnx.merge(self.graphdef, params))
-    return nnx.graphdef(nnx.eval_shape(unstacked, self.stacked_rollout_params()))
+    return params_lib.rollout_graphdef(self.graphdef, self.stacked_rollout_params())
 
   def rl_step(self, step: int) -> dict:
     """One RL step as loops.run_rl runs it (inputs made in line); wall seconds per phase and the step's results."""

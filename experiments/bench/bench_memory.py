@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from common import command_line, machine, train_batch, write_markdown  # noqa: E402
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, unstacked_decoder  # noqa: E402
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg  # noqa: E402
 from noisygrpo_jax.sampling import sampler  # noqa: E402
 from noisygrpo_jax.training import memory, optimizer as opt_lib, params as params_lib  # noqa: E402
 from noisygrpo_jax.training import train_step as ts  # noqa: E402
@@ -122,7 +122,7 @@ def lowered_programs(config, case: Case, compute: str) -> tuple[dict, int]:
   rollout = params_lib.combine(copy, frozen)
   # What the prefill and the decode loop read (loops.Run.rollout_params): the decoder layers unstacked.
   decoding = jax.eval_shape(lambda t, f: params_lib.rollout_copy(t, f, compute), trainable, frozen)
-  decoding_graphdef = nnx.graphdef(nnx.eval_shape(lambda p: unstacked_decoder(nnx.merge(graphdef, p)), rollout))
+  decoding_graphdef = params_lib.rollout_graphdef(graphdef, rollout)
   prompts = sampler.PromptBatch(input_ids=jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
                                 attention_mask=jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32),
                                 position_ids=jax.ShapeDtypeStruct((3, rows, prompt_len), jnp.int32),

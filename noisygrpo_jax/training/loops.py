@@ -28,7 +28,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from noisygrpo_jax import atomic_io, sharding
 from noisygrpo_jax.data import records
 from noisygrpo_jax.evaluation import evaluate
-from noisygrpo_jax.models.qwen2_5_vl import unstacked_decoder
 from noisygrpo_jax.processing import chat_template, collate, image as image_lib
 from noisygrpo_jax.rl import logprobs as logprobs_lib
 from noisygrpo_jax.training import batches, checkpointing, params as params_lib, rollouts, setup, train_step
@@ -224,9 +223,8 @@ class Run:
   def model(self):
     """The policy as rollouts see it (`rollout_params`), its decoder layers a `stacking.LayerList`."""
     if self._rollout_graphdef is None:
-      unstacked = lambda params: unstacked_decoder(nnx.merge(self.setup.graphdef, params))
-      full = params_lib.combine(self.state.params, self.state.frozen)
-      self._rollout_graphdef = nnx.graphdef(nnx.eval_shape(unstacked, full))
+      self._rollout_graphdef = params_lib.rollout_graphdef(self.setup.graphdef,
+                                                           params_lib.combine(self.state.params, self.state.frozen))
     return nnx.merge(self._rollout_graphdef, self.rollout_params())
 
   def set_params(self, params: dict) -> None:

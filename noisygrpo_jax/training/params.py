@@ -25,9 +25,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Sharding
 
-from noisygrpo_jax.models.qwen2_5_vl import lora, stacking
+from noisygrpo_jax.models.qwen2_5_vl import lora, stacking, unstacked_decoder
 
 FROZEN_WHEN_VISION_IS_FROZEN = ("visual",)  # the ViT and its merger: everything under `visual`
 
@@ -121,3 +122,9 @@ def rollout_copy(trainable: dict, frozen: dict, dtype: str, sharding: Sharding |
   decoded = {k: v for k, v in frozen.items() if k not in FROZEN_WHEN_VISION_IS_FROZEN}
   shared = {k: v for k, v in frozen.items() if k in FROZEN_WHEN_VISION_IS_FROZEN}
   return combine(decoding_copy(combine(trainable, decoded), dtype, sharding), shared)
+
+
+def rollout_graphdef(graphdef: nnx.GraphDef, params: dict) -> nnx.GraphDef:
+  """The graphdef a `rollout_copy` tree merges with: that of the model of `graphdef` and the full stacked parameter
+  tree `params` (arrays or shapes; nothing is computed) with its decoder layers unstacked (`unstacked_decoder`)."""
+  return nnx.graphdef(nnx.eval_shape(lambda p: unstacked_decoder(nnx.merge(graphdef, p)), params))
