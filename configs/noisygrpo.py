@@ -82,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.rl.max_new_tokens = 256  # completion budget
   c.rl.rollout_weights = "replicated"  # rollout copy layout: replicated (no weight gathers per token) | train (FSDP)
   c.rl.prefill_micro_batches = 1  # rollout prompts prefilled in parts of rows (divides the rows; 0 = fewest that fit)
+  # A decode step's attention: auto (pallas on GPU where it takes the shapes, else einsum) | pallas (jax's Pallas GPU
+  # decode kernel: reads only each row's filled cache slots) | einsum (reads every slot)
+  c.rl.decode_kernel = "auto"
   c.rl.temperature = 1.0  # sampling temperature
   c.rl.top_k = 50  # sampling top-k (0 disables)
   c.rl.top_p = 1.0  # sampling top-p (1 disables)

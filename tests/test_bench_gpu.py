@@ -68,12 +68,15 @@ def test_smoke_runs_every_part_without_the_packages_the_gpu_machines_lack(tmp_pa
   for part in ("device", "sanity", "decode", "rl"):
     values = list(numbers(results[part]))
     assert values and all(math.isfinite(v) for v in values), (part, results[part])
-  assert results["sanity"]["passed"]
+  assert results["sanity"]["passed"] and results["sanity"]["decode_kernel"]["relative_error"] < 0.02
   decode, rl = results["decode"], results["rl"]
-  assert set(decode) == {"unstacked", "scan", "unstacked_over_scan"} and decode["unstacked_over_scan"] > 0
-  for layers in ("unstacked", "scan"):
-    d = decode[layers]
-    assert d["layers"] == layers and d["tokens_per_s"] > 0
+  assert set(decode) == {"unstacked", "einsum", "scan", "unstacked_over_scan", "unstacked_over_einsum"}
+  assert decode["unstacked_over_scan"] > 0 and decode["unstacked_over_einsum"] > 0
+  # --smoke forces the Pallas decode kernel (interpreted on CPU), which "auto" takes on GPU only
+  for variant, layers, attention in (("unstacked", "unstacked", "pallas"), ("einsum", "unstacked", "einsum"),
+                                     ("scan", "scan", "pallas")):
+    d = decode[variant]
+    assert (d["layers"], d["attention"]) == (layers, attention) and d["tokens_per_s"] > 0
     assert 0 < d["hbm_roofline_fraction"] <= d["hbm_roofline_fraction_all_slots"]
   assert set(rl["seconds"]) == {"host", "rollout_copy", "prefill", "decode", "reward", "reference", "train", "step"}
   assert sum(v for k, v in rl["seconds"].items() if k != "step") <= rl["seconds"]["step"]
@@ -88,11 +91,11 @@ def test_recipe_is_the_3b_preset():
   assert c.model.preset == "qwen2_5_vl_3b"
   assert {k: getattr(recipe, k) for k in (
       "prompts", "group_size", "noise_levels", "advantage", "r_value", "p_alpha", "max_new_tokens", "temperature",
-      "top_k", "beta", "learning_rate", "steps", "dtype", "compute_dtype", "remat", "scan_layers", "min_pixels",
+      "top_k", "decode_kernel", "beta", "learning_rate", "steps", "dtype", "compute_dtype", "remat", "scan_layers", "min_pixels",
       "max_pixels", "prompt_buckets", "patch_buckets")} == dict(
           prompts=c.train.prompts_per_step, group_size=c.rl.group_size, noise_levels=tuple(c.rl.noise.levels),
           advantage=c.rl.advantage, r_value=c.rl.r_value, p_alpha=c.rl.p_alpha, max_new_tokens=c.rl.max_new_tokens,
-          temperature=c.rl.temperature, top_k=c.rl.top_k, beta=c.rl.beta, learning_rate=c.optim.learning_rate,
+          temperature=c.rl.temperature, top_k=c.rl.top_k, decode_kernel=c.rl.decode_kernel, beta=c.rl.beta, learning_rate=c.optim.learning_rate,
           steps=c.train.steps, dtype=c.model.dtype, compute_dtype=c.model.compute_dtype, remat=c.model.remat,
           scan_layers=c.model.scan_layers, min_pixels=c.data.min_pixels, max_pixels=c.data.max_pixels,
           prompt_buckets=tuple(c.data.prompt_buckets), patch_buckets=tuple(c.data.patch_buckets))

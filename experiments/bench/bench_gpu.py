@@ -6,15 +6,19 @@ rollouts and the KL reference from bfloat16 copies). Three parts, in this order,
 as soon as it is measured, so a run cut short keeps what it had:
 
   sanity  a small config, the same random weights: the bfloat16 forward on the default device against the float32
-          forward on the CPU (max |logit difference|, relative error, argmax agreement over the real tokens); outside
-          the tolerance the script exits non-zero after the other parts.
+          forward on the CPU (max |logit difference|, relative error, argmax agreement over the real tokens), and
+          one decode step's attention at a layer's shape of the recipe, the Pallas decode kernel in bfloat16 against
+          the einsums in float32 on the CPU; outside the tolerance the script exits non-zero after the other parts.
   decode  the rollouts of one step of configs/noisygrpo.py:qwen2_5_vl_3b (16 prompts x 4 noise levels = 64 rows, 256
           new tokens, top-k 50 sampling) from the bfloat16 rollout copy: decode tokens/s and the fraction of the HBM
-          roofline (bytes one decode step reads: bf16 weights + KV cache, over the card's bandwidth), with the
-          decoder layers unstacked (what `sampler.generate` and the trainer decode from: one array per weight and one
-          KV cache per layer, `unstacked_decoder`) and stacked and scanned (the training layout: each step slices
-          every layer's weights and cache out of the stacks), and the ratio of their tokens/s. --decode-layers
-          picks; each compiles prefill and the decode loop once. The rl part decodes as the trainer does.
+          roofline (bytes one decode step reads: bf16 weights + KV cache, over the card's bandwidth), in three
+          variants (--decode-variants; each compiles prefill and the decode loop once): "unstacked", as the sampler
+          and the trainer decode (the decoder layers one array per weight and one KV cache per layer,
+          `unstacked_decoder`; rl.decode_kernel "auto": the Pallas decode kernel, which reads only each row's filled
+          cache slots); "einsum", the same layers with the einsum attention over every slot; "scan", the layers
+          stacked and scanned (the training layout: each step slices every layer's weights and cache out of the
+          stacks); and the ratios of their tokens/s. The rl part decodes as the trainer does (with the einsums if
+          the kernel failed in the decode part).
   rl      one full RL step of that recipe, run twice and the second reported (the first compiles): host prep (noise
           levels, noisy copies at native resolution, image processing, prompts, collation), rollout copy, prefill,
           decode, reward + advantages, reference log-probs, train step; the step's MFU and each phase's, the peak
@@ -32,7 +36,7 @@ It imports only what the GPU machines have (jax, flax, optax, orbax, numpy, tran
 ml_collections (the preset's numbers are copied into `Recipe`; tests/test_bench_gpu.py checks them against it), no
 tensorflow-datasets, torch or tqdm.
 
-  python experiments/bench/bench_gpu.py [--parts sanity,decode,rl] [--decode-layers unstacked,scan]
+  python experiments/bench/bench_gpu.py [--parts sanity,decode,rl] [--decode-variants unstacked,einsum,scan]
                                         [--out bench_gpu.json] [--peak-flops 989e12] [--peak-bandwidth 3.35e12]
   python experiments/bench/bench_gpu.py --smoke     # tiny configs on CPU, the same code paths (< 1 min)
 """
@@ -61,13 +65,15 @@ import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_generate import decode_bytes_per_step  # noqa: E402
 from common import matmul_peak, memory_bandwidth, peak_rss_gb  # noqa: E402
 from noisygrpo_jax import sharding  # noqa: E402
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, model as model_lib  # noqa: E402
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as cfg, decode_attention  # noqa: E402
+from noisygrpo_jax.models.qwen2_5_vl import layers as layers_lib, model as model_lib  # noqa: E402
 from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib  # noqa: E402
 from noisygrpo_jax.rl import rewards as rewards_lib  # noqa: E402
 from noisygrpo_jax.sampling import sampler  # noqa: E402
@@ -76,7 +82,10 @@ from noisygrpo_jax.training import rollouts, throughput, train_step as ts  # noq
 
 GIB = 1024**3
 PARTS = ("sanity", "decode", "rl")
-DECODE_LAYERS = ("unstacked", "scan")  # the decode part's layers: one array per layer (generate's), or stacked
+# The decode part's variants: the decoder layers one array each (generate's layout) with the sampler's attention
+# (rl.decode_kernel "auto": the Pallas decode kernel on GPU, which reads only the filled cache slots); the same layers
+# with the einsums over every slot; the layers stacked and scanned (the training layout), the sampler's attention.
+DECODE_VARIANTS = ("unstacked", "einsum", "scan")
 START = time.perf_counter()
 
 # HBM bandwidth per card in B/s, by jax's device_kind (longest prefix wins; vendor data sheets). The bf16 dense peaks
@@ -106,6 +115,7 @@ class Recipe:
   max_new_tokens: int = 256  # rl.max_new_tokens
   temperature: float = 1.0  # rl.temperature
   top_k: int = 50  # rl.top_k (rl.top_p = 1: off)
+  decode_kernel: str = "auto"  # rl.decode_kernel
   beta: float = 0.04  # rl.beta
   learning_rate: float = 1e-6  # optim.learning_rate (optim.warmup_steps 0, optim.decay linear)
   steps: int = 812  # train.steps: the span of the learning-rate decay
@@ -123,7 +133,9 @@ class Recipe:
   question_words: tuple[int, int] = (40, 120)
 
 
-SMOKE_RECIPE = Recipe(prompts=2, max_new_tokens=8, image_side=112, question_words=(8, 16))
+# The Pallas decode kernel forced ("auto" takes it on GPU only), interpreted on CPU; 16 new tokens: 128-token prompt
+# bucket + 16 = 144 cache slots, a multiple of 16, which the kernel tiles.
+SMOKE_RECIPE = Recipe(prompts=2, max_new_tokens=16, decode_kernel="pallas", image_side=112, question_words=(8, 16))
 SANITY_RECIPE = Recipe(prompts=2, max_new_tokens=8, image_side=112, question_words=(8, 16))
 
 
@@ -229,7 +241,8 @@ def rollout_config(recipe: Recipe, tokenizer, config: cfg.Qwen25VLConfig, seed: 
   sampling = sampler.SamplingParams(max_new_tokens=recipe.max_new_tokens, temperature=recipe.temperature,
                                     top_k=recipe.top_k, eos_ids=tuple(sorted({tokenizer.eos_id,
                                                                               tokenizer.special.endoftext})),
-                                    pad_id=tokenizer.pad_id, prefill_micro_batches=prefill_micro_batches)
+                                    pad_id=tokenizer.pad_id, prefill_micro_batches=prefill_micro_batches,
+                                    decode_kernel=recipe.decode_kernel)
   image = image_lib.ImageProcessorConfig(min_pixels=recipe.min_pixels, max_pixels=recipe.max_pixels,
                                          patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
                                          merge_size=v.spatial_merge_size, pixel_dtype="uint8")
@@ -273,16 +286,47 @@ def sanity(args) -> dict:
              reference_logit_std=float(reference.std()), finite=finite)
   out["passed"] = bool(finite and out["relative_error"] <= SANITY_MAX_RELATIVE_ERROR
                        and out["argmax_agreement"] >= SANITY_MIN_ARGMAX_AGREEMENT)
+  out["decode_kernel"] = decode_kernel_sanity(args)
+  out["passed"] = out["passed"] and out["decode_kernel"]["passed"]
+  return out
+
+
+def decode_kernel_sanity(args) -> dict:
+  """One decode step's attention, the Pallas decode kernel in bfloat16 on the default device (interpreted on CPU)
+  against the einsums in float32 on the CPU: random q, k, v at one layer's shape of the recipe's decode (64 rows,
+  16 heads over 2 KV heads of 128, 1792 slots; smoke: 4 rows, 8 over 2 of 16, 96 slots), each row's valid slots one
+  run from a random start (left padding) to a random end (the current token)."""
+  rows, heads, kv_heads, head_dim, slots = (4, 8, 2, 16, 96) if args.smoke else (64, 16, 2, 128, 1792)
+  rng = np.random.default_rng(args.seed)
+  q = rng.standard_normal((rows, 1, heads, head_dim)).astype(np.float32)
+  k, v = (rng.standard_normal((rows, kv_heads, slots, head_dim)).astype(np.float32) for _ in range(2))
+  start = rng.integers(0, slots // 2, rows)
+  end = rng.integers(start + 1, slots + 1)
+  mask = (np.arange(slots) >= start[:, None]) & (np.arange(slots) < end[:, None])
+  attention = lambda *a: layers_lib.attention(*a, kv_heads_major=True)
+  with decode_attention.decoding("einsum"), jax.default_device(jax.devices("cpu")[0]):
+    reference = np.asarray(jax.jit(attention)(q, k, v, mask[:, None]))
+  with decode_attention.decoding("pallas"):
+    half = [jax.device_put(jnp.asarray(x, jnp.bfloat16)) for x in (q, k, v)]
+    ours = np.asarray(jax.jit(attention)(*half, jax.device_put(mask[:, None])).astype(jnp.float32))
+  out = dict(shape=[rows, heads, kv_heads, head_dim, slots], max_abs_diff=float(np.abs(ours - reference).max()),
+             relative_error=float(np.linalg.norm(ours - reference) / np.linalg.norm(reference)),
+             finite=bool(np.isfinite(ours).all()))
+  out["passed"] = out["finite"] and out["relative_error"] <= SANITY_MAX_RELATIVE_ERROR
   return out
 
 
 def sanity_lines(r: dict, device: str) -> list[str]:
+  k = r["decode_kernel"]
   return [f"{r['config']} config, {r['rows']} rows, {r['tokens']} real tokens: bfloat16 on {device} vs float32 on the "
           f"CPU, same random weights",
           f"max |logit diff| {r['max_abs_diff']:.4g} (float32 logit std {r['reference_logit_std']:.3g}), relative "
           f"error {r['relative_error']:.3%} (bound {SANITY_MAX_RELATIVE_ERROR:.0%}), argmax agreement "
-          f"{r['argmax_agreement']:.2%} (bound {SANITY_MIN_ARGMAX_AGREEMENT:.0%}): "
-          + ("passed" if r["passed"] else "FAILED")]
+          f"{r['argmax_agreement']:.2%} (bound {SANITY_MIN_ARGMAX_AGREEMENT:.0%})",
+          f"decode attention, the Pallas kernel in bfloat16 on {device} vs the einsums in float32 on the CPU "
+          f"(rows, heads, KV heads, head dim, slots {k['shape']}): max |diff| {k['max_abs_diff']:.4g}, relative "
+          f"error {k['relative_error']:.3%} (bound {SANITY_MAX_RELATIVE_ERROR:.0%})",
+          "passed" if r["passed"] else "FAILED"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -402,11 +446,10 @@ class RecipeRun:
 # (a) decode
 
 
-def generate_timed(run: RecipeRun, graphdef: nnx.GraphDef, state: nnx.State, prompts,
-                   key: jax.Array) -> tuple[float, float, int]:
+def generate_timed(graphdef: nnx.GraphDef, state: nnx.State, prompts, key: jax.Array,
+                   sampling: sampler.SamplingParams) -> tuple[float, float, int]:
   """(prefill seconds, decode seconds, decode steps) of one generation of the recipe's rollouts: sampler.prefill then
   sampler.decode on the weights `state` (the bf16 rollout copy) merged with `graphdef`, each waited for."""
-  sampling = run.rollout_cfg.sampling
   start = time.perf_counter()
   decode_state = jax.block_until_ready(sampler.prefill(graphdef, state, prompts, key, sampling))
   prefill_s = time.perf_counter() - start
@@ -415,23 +458,29 @@ def generate_timed(run: RecipeRun, graphdef: nnx.GraphDef, state: nnx.State, pro
   return prefill_s, time.perf_counter() - start, int(final.step)  # loop iterations: until all rows stop or the budget
 
 
-def decode(run: RecipeRun, args, peaks: dict, layers: str) -> tuple[dict, list[str]]:
-  """Decode tokens/s of the recipe's rollouts from the bf16 rollout copy and the fraction of the HBM roofline, its
-  decoder layers `layers` ("unstacked": as generate decodes; "scan": stacked, the training layout). Prompts and
-  sampling are the rl part's (shapes, parameters, placement)."""
+def decode(run: RecipeRun, args, peaks: dict, variant: str) -> tuple[dict, list[str]]:
+  """Decode tokens/s of the recipe's rollouts from the bf16 rollout copy and the fraction of the HBM roofline, as
+  DECODE_VARIANTS `variant`. Prompts and sampling are the rl part's (shapes, parameters, placement)."""
   prepared = run.first_prompts
   prompts = run.place(prepared.prompts)
+  layers = "scan" if variant == "scan" else "unstacked"
+  sampling = run.rollout_cfg.sampling
+  if variant == "einsum":
+    sampling = dataclasses.replace(sampling, decode_kernel="einsum")
+  mask = np.asarray(prepared.prompts.attention_mask)
+  slots = mask.shape[1] + run.recipe.max_new_tokens
+  kernel = decode_kernel(run, sampling.decode_kernel, slots)
   if layers == "unstacked":
     graphdef, state = nnx.split(nnx.merge(run.rollout_graphdef, run.rollout_params()))  # what generate passes
   else:
     graphdef, state = nnx.split(nnx.merge(run.graphdef, run.stacked_rollout_params()))
   t = time.perf_counter()
-  generate_timed(run, graphdef, state, prompts, prepared.sample_key)
+  generate_timed(graphdef, state, prompts, prepared.sample_key, sampling)
   first_s = time.perf_counter() - t
-  log(f"decode ({layers} layers): first prefill + decode (compiles) {first_s:.1f} s")
+  log(f"decode ({layers} layers, {kernel} attention): first prefill + decode (compiles) {first_s:.1f} s")
   prefill, seconds, steps = [], [], []
   for i in range(args.decode_repeats):
-    p, d, n = generate_timed(run, graphdef, state, prompts, jax.random.fold_in(prepared.sample_key, i + 1))
+    p, d, n = generate_timed(graphdef, state, prompts, jax.random.fold_in(prepared.sample_key, i + 1), sampling)
     prefill.append(p)
     seconds.append(d)
     steps.append(n)
@@ -439,13 +488,11 @@ def decode(run: RecipeRun, args, peaks: dict, layers: str) -> tuple[dict, list[s
   batch, step_count = run.rows, min(steps)
   decode_s = statistics.median(seconds)
   step_s = statistics.median([s / n for s, n in zip(seconds, steps)])
-  mask = np.asarray(prepared.prompts.attention_mask)
-  slots = mask.shape[1] + run.recipe.max_new_tokens
   valid = mask.sum(1).mean() + (step_count + 1) / 2  # the filled cache slots, averaged over the decode
   weights, kv_all, kv_filled = decode_bytes_per_step(run.config.replace(dtype=run.recipe.compute_dtype), batch, slots,
                                                      valid)
   flops = throughput.decode_step_flops(run.config, batch, slots)
-  r = dict(layers=layers, rows=batch, prompt_len=int(mask.shape[1]), new_tokens=run.recipe.max_new_tokens,
+  r = dict(layers=layers, attention=kernel, rows=batch, prompt_len=int(mask.shape[1]), new_tokens=run.recipe.max_new_tokens,
            decode_steps=step_count, repeats=args.decode_repeats, first_call_s=first_s,
            prefill_s=statistics.median(prefill), decode_s=decode_s, decode_s_min=min(seconds),
            decode_s_max=max(seconds), tokens_per_s=statistics.median([batch * n / s for s, n in zip(seconds, steps)]),
@@ -454,7 +501,7 @@ def decode(run: RecipeRun, args, peaks: dict, layers: str) -> tuple[dict, list[s
            hbm_roofline_fraction_all_slots=(weights + kv_all) / step_s / peaks["peak_bandwidth"],
            decode_flops_per_s=flops / step_s, decode_flop_fraction=flops / step_s / peaks["peak_flops"])
   lines = [
-      f"{layers} layers: {batch} rows ({run.recipe.prompts} prompts x {run.recipe.group_size} noise levels), prompt "
+      f"{variant}: {layers} layers, {kernel} decode attention; {batch} rows ({run.recipe.prompts} prompts x {run.recipe.group_size} noise levels), prompt "
       f"bucket {r['prompt_len']} tokens, {run.recipe.max_new_tokens} new tokens (top-k {run.recipe.top_k}, "
       f"temperature {run.recipe.temperature}; {step_count} decode steps ran), bf16 rollout copy; median of "
       f"{args.decode_repeats} runs after a compiling one ({first_s:.1f} s)",
@@ -468,16 +515,41 @@ def decode(run: RecipeRun, args, peaks: dict, layers: str) -> tuple[dict, list[s
   return r, lines
 
 
-def decode_part(run: RecipeRun, args, peaks: dict, report: Report) -> None:
-  """The decode part: `decode` for each of --decode-layers, reported as each is measured; with both, the ratio of
-  their decode tokens/s (unstacked over scan)."""
-  results = {}
-  for layers in args.decode_layers:
-    results[layers], lines = decode(run, args, peaks, layers)
-    if set(results) == set(DECODE_LAYERS):
-      results["unstacked_over_scan"] = results["unstacked"]["tokens_per_s"] / results["scan"]["tokens_per_s"]
-      lines.append(f"unstacked / scan decode tokens/s: {results['unstacked_over_scan']:.3f}")
+def decode_kernel(run: RecipeRun, kernel: str, slots: int) -> str:
+  """The attention a decode step of the recipe runs with rl.decode_kernel `kernel`: "auto" resolved for the rollout
+  copy's dtype, heads and `slots` cache slots on this backend (`decode_attention.accepts`)."""
+  if kernel != "auto":
+    return kernel
+  t, rows = run.config.text, run.rows
+  q = jax.ShapeDtypeStruct((rows, 1, t.num_attention_heads, t.head_dim), run.recipe.compute_dtype)
+  k = jax.ShapeDtypeStruct((rows, t.num_key_value_heads, slots, t.head_dim), run.recipe.compute_dtype)
+  return "pallas" if decode_attention.accepts(q, k) else "einsum"
+
+
+def decode_part(run: RecipeRun, args, peaks: dict, report: Report) -> list[str]:
+  """The decode part: `decode` for each of --decode-variants, reported as each is measured, with the ratios of their
+  decode tokens/s (unstacked over scan: the layouts; unstacked over einsum: the sampler's attention over the
+  einsums). Returns the variants' failures; if the sampler's attention fails (the Pallas kernel on this GPU and jax),
+  the rl part decodes with the einsums."""
+  results, failures = {}, []
+  ratios = {"unstacked_over_scan": ("unstacked", "scan"), "unstacked_over_einsum": ("unstacked", "einsum")}
+  for variant in args.decode_variants:
+    try:
+      results[variant], lines = decode(run, args, peaks, variant)
+    except Exception as error:  # noqa: BLE001  (the other variants and the rl part still run)
+      traceback.print_exc()
+      failures.append(f"decode {variant}: {type(error).__name__}: {str(error)[:500]}")
+      if variant != "einsum" and run.rollout_cfg.sampling.decode_kernel != "einsum":
+        log("the sampler's decode attention failed: the rl part decodes with rl.decode_kernel=einsum")
+        run.rollout_cfg = dataclasses.replace(run.rollout_cfg, sampling=dataclasses.replace(
+            run.rollout_cfg.sampling, decode_kernel="einsum"))
+      continue
+    for name, (a, b) in ratios.items():
+      if name not in results and a in results and b in results:
+        results[name] = results[a]["tokens_per_s"] / results[b]["tokens_per_s"]
+        lines.append(f"{a} / {b} decode tokens/s: {results[name]:.3f}")
     report.add("decode", results, lines)
+  return failures
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,13 +616,15 @@ def main() -> None:
   parser.add_argument("--peak-bandwidth", type=float, default=0.0,
                       help="memory bandwidth of the card in B/s for the roofline (default: by device kind)")
   parser.add_argument("--decode-repeats", type=int, default=3, help="timed decode runs after the compiling one")
-  parser.add_argument("--decode-layers", default=",".join(DECODE_LAYERS),
-                      help="the decode part's decoder layers: unstacked (as generate decodes), stacked and scanned, "
-                      "or both (comma-separated); each compiles prefill and the decode loop once")
+  parser.add_argument("--decode-variants", default=",".join(DECODE_VARIANTS),
+                      help="the decode part's variants, comma-separated: unstacked (as the sampler decodes), einsum "
+                      "(its layers with the einsum attention over every cache slot), scan (the stacked, scanned "
+                      "training layout); each compiles prefill and the decode loop once")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  parts, args.decode_layers = args.parts.split(","), args.decode_layers.split(",")
-  for option, chosen, allowed in (("--parts", parts, PARTS), ("--decode-layers", args.decode_layers, DECODE_LAYERS)):
+  parts, args.decode_variants = args.parts.split(","), args.decode_variants.split(",")
+  for option, chosen, allowed in (("--parts", parts, PARTS),
+                                  ("--decode-variants", args.decode_variants, DECODE_VARIANTS)):
     unknown = sorted(set(chosen) - set(allowed))
     if unknown:
       parser.error(f"{option}: unknown {unknown}; choose from {', '.join(allowed)}")
@@ -560,7 +634,7 @@ def main() -> None:
 
   report = Report(args.out)
   peaks = device_figures(args)
-  report.add("device", {**peaks, "smoke": args.smoke, "parts": parts, "decode_layers": args.decode_layers}, [
+  report.add("device", {**peaks, "smoke": args.smoke, "parts": parts, "decode_variants": args.decode_variants}, [
       f"{peaks['device_kind']} ({peaks['backend']}, {peaks['devices']} device(s)), jax {peaks['jax_version']}",
       f"peak bf16 {peaks['peak_flops']:.4g} FLOP/s ({peaks['peak_flops_source']}), memory bandwidth "
       f"{peaks['peak_bandwidth']:.4g} B/s ({peaks['peak_bandwidth_source']})"])
@@ -580,7 +654,7 @@ def main() -> None:
     try:
       run = run or RecipeRun(args, recipe)
       if part == "decode":
-        decode_part(run, args, peaks, report)
+        failures += decode_part(run, args, peaks, report)
       else:
         report.add(part, *rl(run, peaks))
     except Exception as error:  # noqa: BLE001

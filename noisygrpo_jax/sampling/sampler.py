@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from noisygrpo_jax import sharding
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, stacking, unstacked_decoder
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, decode_attention, stacking, unstacked_decoder
 from noisygrpo_jax.models.qwen2_5_vl.text import LayerCache
 from noisygrpo_jax.processing import collate
 from noisygrpo_jax.processing.collate import PromptBatch
@@ -44,6 +44,9 @@ class SamplingParams:
   eos_ids: tuple[int, ...] = (151645, 151643)  # <|im_end|>, <|endoftext|>
   pad_id: int = 151643
   prefill_micro_batches: int = 1  # the prompts are prefilled in this many parts of rows (bounds the activations)
+  # A decode step's attention (models/qwen2_5_vl/decode_attention.py): "pallas" reads only each row's filled cache
+  # slots (jax's Pallas GPU decode kernel), "einsum" all of them, "auto" the kernel on GPU where it takes the shapes.
+  decode_kernel: str = "auto"
 
 
 @flax.struct.dataclass
@@ -238,13 +241,15 @@ def decode(graphdef, model_state, state: DecodeState, prompt_len: int, params: S
   """The whole decode loop in one jitted function; exits early once every row has stopped.
 
   The input state is donated: the loop reuses its KV-cache buffers in place. mesh: when given, the state enters,
-  is carried through the loop and comes out in `decode_state_shardings` on it.
+  is carried through the loop and comes out in `decode_state_shardings` on it. Each step's attention runs by
+  params.decode_kernel (`decode_attention.decoding`).
   """
   model = nnx.merge(graphdef, model_state)
-  final = jax.lax.while_loop(
-      lambda s: (s.step < params.max_new_tokens) & ~jnp.all(s.done),
-      lambda s: _in_layout(decode_step(model, s, prompt_len, params), mesh),
-      _in_layout(state, mesh))
+  with decode_attention.decoding(params.decode_kernel, mesh):
+    final = jax.lax.while_loop(
+        lambda s: (s.step < params.max_new_tokens) & ~jnp.all(s.done),
+        lambda s: _in_layout(decode_step(model, s, prompt_len, params), mesh),
+        _in_layout(state, mesh))
   return _in_layout(final, mesh)
 
 

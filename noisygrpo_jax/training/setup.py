@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from noisygrpo_jax import sharding
 from noisygrpo_jax.data import loading
-from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config_lib, load_hf
+from noisygrpo_jax.models.qwen2_5_vl import Qwen25VL, config as model_config_lib, decode_attention, load_hf
 from noisygrpo_jax.processing import chat_template, image as image_lib, tokenizer as tokenizer_lib
 from noisygrpo_jax.rl import rewards as rewards_lib
 from noisygrpo_jax.sampling import sampler
@@ -48,6 +48,9 @@ def validate(config) -> None:
   if rl.rollout_weights not in ("replicated", "train"):
     raise ValueError(f"rl.rollout_weights={rl.rollout_weights!r} must be 'replicated' (the whole rollout copy on every "
                      "device) or 'train' (the training layout)")
+  if rl.decode_kernel not in decode_attention.KERNELS:
+    raise ValueError(f"rl.decode_kernel={rl.decode_kernel!r} must be one of {', '.join(decode_attention.KERNELS)} "
+                     "(auto: the Pallas decode kernel on GPU where it takes the shapes, the einsums elsewhere)")
   validate_lora(config)
   if rl.filter_groups not in ("none", "drop", "refill"):
     raise ValueError(f"rl.filter_groups={rl.filter_groups!r} must be 'none', 'drop' (equal-reward groups leave the "
@@ -229,7 +232,7 @@ def sampling_params(config, tokenizer, greedy: bool = False) -> sampler.Sampling
   eos = tuple(sorted({tokenizer.eos_id, tokenizer.special.endoftext}))
   return sampler.SamplingParams(max_new_tokens=rl.max_new_tokens, greedy=greedy, temperature=rl.temperature,
                                 top_k=rl.top_k, top_p=rl.top_p, eos_ids=eos, pad_id=tokenizer.pad_id,
-                                prefill_micro_batches=max(rl.prefill_micro_batches, 1))
+                                prefill_micro_batches=max(rl.prefill_micro_batches, 1), decode_kernel=rl.decode_kernel)
 
 
 def image_config(config, vision: model_config_lib.VisionConfig) -> image_lib.ImageProcessorConfig:

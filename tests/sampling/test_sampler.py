@@ -167,9 +167,10 @@ def test_sharded_batch_equals_single_device(tmp_path):
   step and key replicated); with the rollout layout (Run.rollout_params: weights replicated, decoder layers
   unstacked) the compiled decode loop holds no collective but the all-rows stop check's all-reduce, while the
   training layout (FSDP) communicates inside it every step (weights all-gathered or partial matmul outputs
-  all-reduced, as XLA chooses: 4 all-gathers and 7 all-reduces for 2 layers when written)."""
+  all-reduced, as XLA chooses: 4 all-gathers and 7 all-reduces for 2 layers when written). The Pallas decode kernel
+  (rl.decode_kernel="pallas", interpreted) runs on each device's rows: the same tokens, no collective added."""
   script = textwrap.dedent("""
-      import os, re
+      import dataclasses, os, re
       os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
       import jax, numpy as np
       from flax import nnx
@@ -224,6 +225,18 @@ def test_sharded_batch_equals_single_device(tmp_path):
       assert counts["replicated"] == {"all-gather": 0, "all-reduce": 1, "reduce-scatter": 0,
                                       "collective-permute": 0, "all-to-all": 0}, counts
       assert counts["train"]["all-gather"] + counts["train"]["all-reduce"] >= 7, counts
+
+      # The Pallas decode kernel (interpreted on CPU) on each device's rows (shard_map), slots tiled by 16.
+      kernel_params = dataclasses.replace(params, decode_kernel="pallas",
+                                          max_new_tokens=6 + (-(ids.shape[1] + 6)) % 16)
+      weights = layouts["replicated"]
+      decode_state = S.prefill(graphdef, weights, sharded, jax.random.key(0), kernel_params, mesh)
+      hlo = S.decode.lower(graphdef, weights, decode_state, ids.shape[1], kernel_params, mesh).compile().as_text()
+      assert len(re.findall(r"= \S+ (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
+                            r"(-start)?\(", hlo)) == 1, "collectives besides the stop check's all-reduce"
+      final = S.decode(graphdef, weights, decode_state, ids.shape[1], kernel_params, mesh)
+      check_layout(final)
+      np.testing.assert_array_equal(np.asarray(final.tokens)[:, :6], np.asarray(single.tokens))
       print("SHARDED_OK", counts)
       """)
   env = dict(os.environ, PYTHONPATH=os.getcwd())

@@ -45,6 +45,19 @@ def test_rollout_config_builds_the_configured_reward_rules():
     setup.rollout_config(c, TOKENIZER, vision)
 
 
+def test_decode_kernel_reaches_the_sampler_and_a_wrong_one_is_named():
+  c = noisygrpo.get_config("tiny")
+  assert setup.sampling_params(c, TOKENIZER).decode_kernel == c.rl.decode_kernel == "auto"
+  with c.unlocked():
+    c.rl.decode_kernel = "einsum"
+  assert setup.sampling_params(c, TOKENIZER).decode_kernel == "einsum"
+  setup.validate(c)
+  with c.unlocked():
+    c.rl.decode_kernel = "flash"
+  with pytest.raises(ValueError, match="rl.decode_kernel='flash' must be one of auto, pallas, einsum"):
+    setup.validate(c)
+
+
 def test_learning_rate_schedule_counts_optimizer_updates():
   """With rl.num_iterations = mu the linear decay spans train.steps x mu updates, not train.steps."""
   c = noisygrpo.get_config("tiny")

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from noisygrpo_jax.models.qwen2_5_vl import lora
+from noisygrpo_jax.models.qwen2_5_vl import decode_attention, lora
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 
@@ -149,10 +149,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, vmap
       [B, 1, T, S]). jax's cuDNN batching rule reshapes a vmapped bias to the query's heads and fails on one
       broadcast over them (jax-ml/jax#34920), so calls under jax.vmap (the vision tower's) need it.
     kv_heads_major: k, v are [B, K, S, D] (the KV caches' layout, which a decode step's einsums read in place);
-      the fused kernel, which takes [B, S, K, D], then gets them transposed (a copy).
+      the fused kernel, which takes [B, S, K, D], then gets them transposed (a copy). A single query (a decode step)
+      goes to the Pallas decode kernel where `decode_attention.decoding` routes it there.
   Returns:
     [B, T, H, D] in q's dtype.
   """
+  if kv_heads_major and q.shape[1] == 1 and decode_attention.routed(q, k):
+    return decode_attention.attention(q, k, v, mask)
   keys = _keys_as_sequence_major(k, kv_heads_major)
   implementation = attention_implementation(q, keys, keys)
   if implementation is None:
