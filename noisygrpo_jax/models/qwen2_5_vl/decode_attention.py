@@ -21,7 +21,6 @@ import contextlib
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 from jax.sharding import Mesh
 
 from noisygrpo_jax import sharding
@@ -96,6 +95,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   start = jnp.argmax(valid, axis=-1).astype(jnp.int32)  # first valid slot
   end = (slots - jnp.argmax(valid[:, ::-1], axis=-1)).astype(jnp.int32)  # one past the last
   interpret = jax.default_backend() != "gpu"
+  # Imported here, not with the module: an experimental jax module that another jax version may move would otherwise
+  # break importing the model, where it only has to fail this route (rl.decode_kernel=einsum avoids it).
+  from jax.experimental.pallas.ops.gpu import decode_attention as pallas_decode
 
   def rows(q, k, v, start, end):
     # The kernel takes k, v [B, S, K, D] and makes them heads-major itself: the two transposes cancel. Its last
