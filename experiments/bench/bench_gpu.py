@@ -492,8 +492,9 @@ def decode(run: RecipeRun, args, peaks: dict, variant: str) -> tuple[dict, list[
   weights, kv_all, kv_filled = decode_bytes_per_step(run.config.replace(dtype=run.recipe.compute_dtype), batch, slots,
                                                      valid)
   flops = throughput.decode_step_flops(run.config, batch, slots)
-  r = dict(layers=layers, attention=kernel, rows=batch, prompt_len=int(mask.shape[1]), new_tokens=run.recipe.max_new_tokens,
-           decode_steps=step_count, repeats=args.decode_repeats, first_call_s=first_s,
+  r = dict(layers=layers, attention=kernel, rows=batch, prompt_len=int(mask.shape[1]),
+           new_tokens=run.recipe.max_new_tokens, decode_steps=step_count, repeats=args.decode_repeats,
+           first_call_s=first_s,
            prefill_s=statistics.median(prefill), decode_s=decode_s, decode_s_min=min(seconds),
            decode_s_max=max(seconds), tokens_per_s=statistics.median([batch * n / s for s, n in zip(seconds, steps)]),
            step_ms=1e3 * step_s, weight_bytes=weights, kv_filled_bytes=kv_filled, kv_all_bytes=kv_all,
@@ -501,7 +502,8 @@ def decode(run: RecipeRun, args, peaks: dict, variant: str) -> tuple[dict, list[
            hbm_roofline_fraction_all_slots=(weights + kv_all) / step_s / peaks["peak_bandwidth"],
            decode_flops_per_s=flops / step_s, decode_flop_fraction=flops / step_s / peaks["peak_flops"])
   lines = [
-      f"{variant}: {layers} layers, {kernel} decode attention; {batch} rows ({run.recipe.prompts} prompts x {run.recipe.group_size} noise levels), prompt "
+      f"{variant}: {layers} layers, {kernel} decode attention; {batch} rows ({run.recipe.prompts} prompts x "
+      f"{run.recipe.group_size} noise levels), prompt "
       f"bucket {r['prompt_len']} tokens, {run.recipe.max_new_tokens} new tokens (top-k {run.recipe.top_k}, "
       f"temperature {run.recipe.temperature}; {step_count} decode steps ran), bf16 rollout copy; median of "
       f"{args.decode_repeats} runs after a compiling one ({first_s:.1f} s)",

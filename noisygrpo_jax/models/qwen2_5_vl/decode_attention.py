@@ -26,7 +26,6 @@ from jax.sharding import Mesh
 from noisygrpo_jax import sharding
 
 KERNELS = ("auto", "pallas", "einsum")
-MAX_BLOCK = 128  # cache slots per block of the kernel's loop (its default)
 MAX_SPLITS = 16  # parts of the slots the kernel runs in parallel per (row, KV head) (its default)
 
 _route: tuple[str, Mesh | None] = ("einsum", None)  # (kernel, mesh), set by `decoding`
@@ -50,12 +49,12 @@ def decoding(kernel: str, mesh: Mesh | None = None):
 
 
 def tiling(slots: int) -> tuple[int, int] | None:
-  """(block, splits) of the kernel over `slots` cache slots: the largest power-of-two block of at most MAX_BLOCK
-  slots (16 at least, Triton's smallest dot) that divides them, and the most splits (at most MAX_SPLITS) that divide
-  the blocks evenly; None when `slots` is not a multiple of 16."""
+  """(block, splits) of the kernel over `slots` cache slots: the largest power-of-two block that divides them, of
+  16 (Triton's smallest dot) to 128 slots (the kernel's default), and the most splits (at most MAX_SPLITS) that
+  divide the blocks evenly; None when `slots` is not a multiple of 16."""
   if slots % 16:
     return None
-  block = next(b for b in (128, 64, 32, 16) if b <= MAX_BLOCK and slots % b == 0)
+  block = next(b for b in (128, 64, 32, 16) if slots % b == 0)
   blocks = slots // block
   return block, next(n for n in range(min(MAX_SPLITS, blocks), 0, -1) if blocks % n == 0)
 
